@@ -1,0 +1,147 @@
+"""The Python API: ``quantize``, ``load``, ``evaluate_ppl`` — what the CLI calls, nothing more.
+
+    result = lowbit.quantize("smollm2-135m", method="gptq", bits=4, group_size=64, out="out/w4")
+    model, tokenizer, meta = lowbit.load("out/w4")
+    lowbit.evaluate_ppl(model, tokenizer, text="default", seqlen=512)
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, fields
+
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .calib.runner import quantize_blocks
+from .config import CalibConfig, Method, QuantConfig
+from .data import calibration_windows, read_text, tokenize
+from .errors import LowbitError
+from .eval.memory import bits_per_weight, model_bytes, peak_rss_bytes
+from .eval.ppl import evaluate_ppl
+from .models.arch import blocks_of, linears_of, resolve_spec
+from .models.sources import load_model
+from .packed import checkpoint
+from .packed.qlinear import QuantLinear
+from .solvers import SOLVERS
+from .solvers.feedback import NotPositiveDefinite
+
+__all__ = ["quantize", "load", "evaluate_ppl", "load_any", "QuantizeResult"]
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize` returns: the in-memory quantized model and its report."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    meta: dict     # what lowbit.json holds
+    report: dict   # seconds, bits_per_weight, peak_rss_bytes, per-layer losses
+    out: Path | None
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def calib_dtype(name: str, device: str) -> torch.dtype:
+    """Activation dtype of the runner; ``auto`` = bfloat16 where the hardware runs it fast."""
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    fast_bf16 = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)()
+    return torch.bfloat16 if fast_bf16 else torch.float32
+
+
+def _split_settings(settings: dict) -> tuple[dict, dict]:
+    qnames = {f.name for f in fields(QuantConfig)}
+    cnames = {f.name for f in fields(CalibConfig)}
+    unknown = set(settings) - qnames - cnames
+    if unknown:
+        raise LowbitError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return ({k: v for k, v in settings.items() if k in qnames}, {k: v for k, v in settings.items() if k in cnames})
+
+
+def _solve(cfg: QuantConfig, W: torch.Tensor, H: torch.Tensor | None, name: str = "?"):
+    try:
+        return SOLVERS[cfg.method](W, H, cfg)
+    except NotPositiveDefinite as e:
+        raise LowbitError(f"layer '{name}': {e}; try more calibration data or a larger --damp") from None
+
+
+def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | None = None,
+             calib: CalibConfig | None = None, device: str | None = None, progress: bool = True,
+             trust_remote_code: bool = False, **settings) -> QuantizeResult:
+    """Quantize the model at ``model`` (folder, .gguf, hub id or ``smollm2-135m``) and, with ``out``,
+    save it.  Settings are :class:`QuantConfig` and :class:`CalibConfig` fields (``bits=3``,
+    ``group_size=64``, ``nsamples=64``…) or whole config objects."""
+    t0 = time.perf_counter()
+    qkw, ckw = _split_settings(settings)
+    quant = quant or QuantConfig(**qkw)
+    calib = calib or CalibConfig(**ckw)
+    device = device or default_device()
+    fp_model, tokenizer, source = load_model(model, trust_remote_code=trust_remote_code)
+    spec = resolve_spec(fp_model)
+    fingerprint = None
+    if quant.method == Method.RTN:  # data-free
+        results = {}
+        for i, block in enumerate(blocks_of(fp_model, spec)):
+            for name, lin in linears_of(block).items():
+                full = f"{spec.blocks}.{i}.{name}"
+                packed, info = _solve(quant, lin.weight.detach().float(), None, full)
+                results[full] = (packed, info)
+                parent, _, leaf = name.rpartition(".")
+                setattr(block.get_submodule(parent) if parent else block, leaf, QuantLinear(packed, lin.bias))
+    else:
+        ids = tokenize(tokenizer, read_text(calib.source, split="calib"))
+        windows = calibration_windows(ids, calib.nsamples, calib.seqlen, calib.seed)
+        fingerprint = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+
+        def solve(W, H):
+            return _solve(quant, W, H)
+
+        results = quantize_blocks(fp_model, spec, windows, solve, device=device,
+                                  dtype=calib_dtype(calib.dtype, device), batch_size=calib.windows_per_batch(),
+                                  true_sequential=calib.true_sequential, progress=progress)
+    fp_model.to("cpu")
+    layers = {name: {**packed.meta(), "bits_per_weight": packed.stored_bits() / (packed.shape[0] * packed.shape[1]),
+                     **{k: v for k, v in info.items()}} for name, (packed, info) in results.items()}
+    bpw = bits_per_weight(fp_model)
+    meta = {
+        "method": quant.method.value,
+        "config": quant.to_json(),
+        "calibration": None if quant.method == Method.RTN else {**calib.to_json(), "fingerprint": fingerprint},
+        "source": source,
+        "lowbit_version": __version__,
+        "bits_per_weight": bpw,
+        "layers": layers,
+    }
+    report = {"seconds": time.perf_counter() - t0, "bits_per_weight": bpw, "peak_rss_bytes": peak_rss_bytes(),
+              "model_bytes": model_bytes(fp_model), "method": quant.method.value,
+              "layers": {n: {"loss": l.get("loss"), "bits_per_weight": l["bits_per_weight"]} for n, l in layers.items()}}
+    saved = None
+    if out is not None:
+        dtype = torch.bfloat16 if getattr(fp_model.config, "dtype", None) in (torch.bfloat16, "bfloat16") else torch.float16
+        saved = checkpoint.save(out, fp_model, tokenizer, meta, dtype=dtype)
+        report["seconds"] = time.perf_counter() - t0
+    return QuantizeResult(fp_model, tokenizer, meta, report, saved)
+
+
+def load(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
+    """Load a lowbit checkpoint -> ``(model, tokenizer, meta)``; linears stay packed in memory."""
+    return checkpoint.load(model_dir, device=device or default_device(), dtype=dtype)
+
+
+def load_any(source: str, device: str | None = None, dtype: torch.dtype | None = None):
+    """A lowbit checkpoint or any float model source -> ``(model, tokenizer, meta or None)``."""
+    device = device or default_device()
+    if Path(source).is_dir() and (Path(source) / checkpoint.META_FILE).exists():
+        return load(source, device=device, dtype=dtype)
+    model, tokenizer, _ = load_model(source, dtype=dtype or torch.float32)
+    return model.to(device), tokenizer, None
+
+
+

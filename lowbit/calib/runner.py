@@ -1,0 +1,205 @@
+"""The calibration runner shared by every method: block by block, memory bounded to one block.
+
+1. **Capture.** Every decoder block is replaced by a recorder that stores the positional and keyword
+   arguments it is called with (rotary embeddings, masks: whatever the family passes, per block,
+   so Gemma's sliding/global layers each get their own) and passes the hidden state through; the
+   last recorder stops the pass.  Block 0's hidden states ``(B, T, d)`` per micro-batch are kept.
+2. **Per block.** A working copy of the block goes to the compute device in the calibration dtype.
+   For each group of linears that share an input (q/k/v; o; gate/up; down), a hook collects
+   ``S = ΣXᵀX`` from the group's input and cuts the forward short there; each linear of the group is
+   solved from its original float32 weight and ``H = 2/N·S``, and the working copy takes the
+   quantized weight, so the next group sees quantized upstream outputs ("true sequential").
+   When all windows fit one micro-batch, each group is instead solved inside that pre-hook and the
+   pass goes on: one forward per block, whose output is already the quantized block's output.
+3. **Propagate.** The quantized block's outputs become the next block's inputs; the model's block
+   gets :class:`QuantLinear` modules holding the packed weights.
+
+The runner never knows which method it runs: ``solve(W (m, n) float32, H (n, n)) -> (packed, info)``.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import ExitStack
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..models.arch import ArchSpec, blocks_of, linears_of
+from ..packed.qlinear import QuantLinear
+from .hessian import InputStats, StopForward, capture_inputs
+
+Solve = Callable[[torch.Tensor, torch.Tensor], tuple[object, dict]]
+
+
+class _Recorder(nn.Module):
+    """Stands in for block ``index`` during capture: records its call, returns the input unchanged."""
+
+    def __init__(self, block: nn.Module, index: int, calls: list, last: bool):
+        super().__init__()
+        self.block, self.index, self.calls, self.last = block, index, calls, last
+
+    def __getattr__(self, name):  # model code may read block attributes (e.g. attention_type)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["block"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((self.index, hidden_states, args, kwargs))
+        if self.last:
+            raise StopForward
+        return hidden_states
+
+
+def _cast(obj, device, dtype, memo: dict):
+    """Move tensors in a nested structure to ``device``; floating ones to ``dtype`` (shared via memo)."""
+    if isinstance(obj, torch.Tensor):
+        key = id(obj)
+        if key not in memo:
+            memo[key] = obj.to(device=device, dtype=dtype if obj.is_floating_point() else obj.dtype)
+        return memo[key]
+    if isinstance(obj, tuple):
+        return tuple(_cast(o, device, dtype, memo) for o in obj)
+    if isinstance(obj, list):
+        return [_cast(o, device, dtype, memo) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _cast(v, device, dtype, memo) for k, v in obj.items()}
+    return obj
+
+
+def _move_outside_blocks(model: nn.Module, prefix: str, device) -> None:
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not name.startswith(prefix + ".") and t.device != torch.device(device):
+            t.data = t.data.to(device)
+
+
+@torch.no_grad()
+def capture(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batch_size: int, device,
+            dtype) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+    """Run the embeddings on ``windows`` (N, T) in micro-batches; returns block 0's inputs (one
+    ``(B, T, d)`` tensor per micro-batch) and, per block, per micro-batch, its ``(args, kwargs)``."""
+    inputs, block_calls = [], [[] for _ in blocks]
+    originals = list(blocks)
+    for b0 in range(0, windows.shape[0], batch_size):
+        calls: list = []
+        for i, blk in enumerate(originals):
+            blocks[i] = _Recorder(blk, i, calls, last=i == len(originals) - 1)
+        try:
+            model(input_ids=windows[b0:b0 + batch_size].to(device), use_cache=False)
+        except StopForward:
+            pass
+        finally:
+            for i, blk in enumerate(originals):
+                blocks[i] = blk
+        memo: dict = {}
+        for index, h, args, kwargs in calls:
+            if index == 0:
+                inputs.append(h.to(device=device, dtype=dtype))
+            block_calls[index].append((_cast(args, device, dtype, memo), _cast(kwargs, device, dtype, memo)))
+    return inputs, block_calls
+
+
+def _run(block: nn.Module, h: torch.Tensor, call: tuple) -> torch.Tensor:
+    args, kwargs = call
+    out = block(h, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def discover_groups(block: nn.Module, h: torch.Tensor, call: tuple) -> tuple[tuple[str, ...], ...]:
+    """Group a block's linears by shared input, in call order, from one forward pass."""
+    order: dict = {}
+    handles = []
+    for name, lin in linears_of(block).items():
+        def hook(_m, args, name=name):
+            x = args[0]
+            order.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
+        handles.append(lin.register_forward_pre_hook(hook))
+    try:
+        _run(block, h[:1], (call[0], call[1]))
+    finally:
+        for hd in handles:
+            hd.remove()
+    return tuple(tuple(names) for names in order.values())
+
+
+def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def _solve_in_one_pass(work: nn.Module, lin: dict, groups, h: torch.Tensor, call: tuple, solve_group) -> torch.Tensor:
+    """All calibration windows in one micro-batch: each group is solved inside the pre-hook of its
+    first linear, before any of its members is applied, so one forward pass is fully true-sequential
+    and its output is already the quantized block's output."""
+    handles = []
+    for g in groups:
+        def hook(_m, args, g=g):
+            if f"{g[0]}" not in solved:
+                stats = InputStats(args[0].shape[-1], args[0].device)
+                stats.add(args[0])
+                solve_group(g, stats.hessian())
+                solved.add(g[0])
+        handles.append(lin[g[0]].register_forward_pre_hook(hook))
+    solved: set = set()
+    try:
+        return _run(work, h, call)
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+@torch.no_grad()
+def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, solve: Solve, *, device="cpu",
+                    dtype=torch.float32, batch_size: int = 8, true_sequential: bool = True,
+                    progress: bool = True) -> dict[str, tuple[object, dict]]:
+    """Quantize every linear of every block of ``model`` in place (they become :class:`QuantLinear`);
+    ``windows`` (N, T) are the calibration token ids.  Returns ``{layer name: (packed, info)}``."""
+    blocks = blocks_of(model, spec)
+    _move_outside_blocks(model, spec.blocks, device)
+    inputs, block_calls = capture(model, blocks, windows, batch_size, device, dtype)
+    results: dict[str, tuple[object, dict]] = {}
+    bar = tqdm(range(len(blocks)), desc="quantize", unit="block", disable=not progress)
+    for i in bar:
+        block = blocks[i]
+        work = copy.deepcopy(block).to(device=device, dtype=dtype)
+        work_lin, orig_lin = linears_of(work), linears_of(block)
+        groups = spec.groups or discover_groups(work, inputs[0], block_calls[i][0])
+        losses: dict[str, float] = {}
+
+        def solve_group(g: tuple[str, ...], H: torch.Tensor) -> None:
+            for name in g:
+                W = orig_lin[name].weight.detach().to(device=device, dtype=torch.float32)
+                packed, info = solve(W, H)
+                work_lin[name].weight.data = packed.dequantize(dtype).to(device)
+                results[f"{spec.blocks}.{i}.{name}"] = (packed, info)
+                losses[name.rsplit(".", 1)[-1]] = info.get("loss", float("nan"))
+
+        if true_sequential and len(inputs) == 1:
+            inputs = [_solve_in_one_pass(work, work_lin, groups, inputs[0], block_calls[i][0], solve_group)]
+        else:
+            stages = [[g] for g in groups] if true_sequential else [list(groups)]
+            for stage in stages:
+                stats = {g: InputStats(work_lin[g[0]].in_features, torch.device(device)) for g in stage}
+                with ExitStack() as hooks:
+                    for g, st in stats.items():
+                        hooks.enter_context(capture_inputs(work_lin[g[0]], st, stop=true_sequential))
+                    for h, call in zip(inputs, block_calls[i]):
+                        try:
+                            _run(work, h, call)
+                        except StopForward:
+                            pass
+                for g, st in stats.items():
+                    solve_group(g, st.hessian())
+            inputs = [_run(work, h, call) for h, call in zip(inputs, block_calls[i])]
+        for name in work_lin:
+            if f"{spec.blocks}.{i}.{name}" in results:
+                lin = orig_lin[name]
+                _set_module(block, name, QuantLinear(results[f"{spec.blocks}.{i}.{name}"][0], lin.bias))
+        del work
+        if progress:
+            bar.write(f"block {i:3d}  " + "  ".join(f"{k} {v:.4g}" for k, v in losses.items()))
+    return results
+

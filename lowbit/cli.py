@@ -1,0 +1,147 @@
+"""The ``lowbit`` command line: ``quantize``, ``eval``, ``info``.
+
+The CLI only parses arguments, builds the config dataclasses and calls :mod:`lowbit.api`.
+A :class:`LowbitError` becomes ``lowbit: error: <one line>`` on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import LowbitError
+
+
+def _write_json(path: str | None, data: dict) -> None:
+    if path:
+        p = Path(path)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(p.name + ".tmp")
+            tmp.write_text(json.dumps(data, indent=1) + "\n")
+            tmp.replace(p)
+        except OSError as e:
+            raise LowbitError(f"--json '{path}': cannot write ({e.strerror})") from None
+
+
+def cmd_quantize(a: argparse.Namespace) -> int:
+    from . import api
+    from .config import CalibConfig, QuantConfig
+
+    quant = QuantConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, act_order=a.act_order,
+                        static_groups=not a.no_static_groups, damp=a.damp, block_size=a.block_size, mse=a.mse)
+    calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
+                        batch_size=a.batch_size, dtype=a.calib_dtype, true_sequential=not a.no_true_sequential)
+    res = api.quantize(a.model, out=a.out, quant=quant, calib=calib, device=a.device, progress=not a.quiet,
+                       trust_remote_code=a.trust_remote_code)
+    _write_json(a.json, res.report)
+    if not a.quiet:
+        r = res.report
+        print(f"quantized {a.model} with {quant.method.value} w{quant.bits}g{quant.group_size}: "
+              f"{r['bits_per_weight']:.3f} bits/weight, {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB"
+              + (f" -> {res.out}" if res.out else ""))
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from . import api
+    from .eval.memory import bits_per_weight, model_bytes
+
+    model, tok, _meta = api.load_any(a.model, device=a.device)
+    result = api.evaluate_ppl(model, tok, text=a.text, seqlen=a.seqlen, max_tokens=a.max_tokens or None,
+                              bos=a.bos, batch_size=a.batch_size, progress=not a.quiet)
+    result.update(bits_per_weight=bits_per_weight(model), model_bytes=model_bytes(model))
+    _write_json(a.json, result)
+    print(f"ppl {result['ppl']:.4f} over {result['tokens_scored']} tokens (seqlen {a.seqlen}), "
+          f"{result['bits_per_weight']:.3f} bits/weight, {result['model_bytes'] / 2**20:.1f} MiB of weights, "
+          f"{result['seconds']:.1f} s")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from .packed.checkpoint import read_meta
+
+    meta = read_meta(a.model)
+    size = sum(f.stat().st_size for f in Path(a.model).iterdir() if f.is_file())
+    if a.json:
+        print(json.dumps({k: v for k, v in meta.items() if a.layers or k != "layers"}, indent=1))
+        return 0
+    cfg = meta.get("config", {})
+    print(f"{a.model}: lowbit format v{meta['format_version']}, method {meta.get('method')}")
+    print(f"  source       {meta.get('source', {}).get('source')}")
+    print(f"  config       " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
+    if meta.get("calibration"):
+        c = meta["calibration"]
+        print(f"  calibration  {c.get('source')}: {c.get('nsamples')} x {c.get('seqlen')} tokens, seed {c.get('seed')}, "
+              f"fingerprint {c.get('fingerprint')}")
+    print(f"  layers       {len(meta['layers'])} quantized, {meta.get('bits_per_weight', float('nan')):.3f} bits/weight")
+    print(f"  size on disk {size / 2**20:.1f} MiB")
+    if a.layers:
+        for name, l in meta["layers"].items():
+            loss = l.get("loss")
+            print(f"  {name:45s} {l.get('kind')} b{l.get('bits')} g{l.get('group_size')} "
+                  f"{l.get('bits_per_weight', 0):.3f} bpw  loss {loss if loss is None else f'{loss:.4g}'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Quantize LLM weights, evaluate and inspect the result.")
+    p.add_argument("--version", action="version", version=f"lowbit {__import__('lowbit').__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it packed")
+    q.add_argument("model", help="model folder, .gguf file, hub id, or 'smollm2-135m' (the demo model)")
+    q.add_argument("--method", default="gptq", help="rtn or gptq (default gptq)")
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per row (default 128)")
+    q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--no-static-groups", action="store_true", help="with --act-order: groups in permuted order (stores g_idx)")
+    q.add_argument("--damp", type=float, default=0.01)
+    q.add_argument("--block-size", type=int, default=128)
+    q.add_argument("--mse", action="store_true", help="MSE search of each group's range")
+    q.add_argument("--calib", default="default", help="calibration text: default | FILE | DIR | HF dataset")
+    q.add_argument("--nsamples", type=int, default=64)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch-size", type=int, default=0, help="calibration windows per forward pass (0 = auto)")
+    q.add_argument("--calib-dtype", default="auto", help="auto | float32 | bfloat16 | float16 (runner activations)")
+    q.add_argument("--no-true-sequential", action="store_true", help="one forward per block for all Hessians")
+    q.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    q.add_argument("--out", default=None, help="output folder (written atomically)")
+    q.add_argument("--json", default=None, help="write seconds, bits_per_weight, peak_rss_bytes, per-layer losses")
+    q.add_argument("--trust-remote-code", action="store_true")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity of a lowbit checkpoint or a float model")
+    e.add_argument("model", help="lowbit folder, model folder, .gguf, hub id or 'smollm2-135m'")
+    e.add_argument("--text", default="default", help="default (evaluation plays) | FILE | DIR | HF dataset")
+    e.add_argument("--seqlen", type=int, default=512)
+    e.add_argument("--max-tokens", type=int, default=20480, help="score the first max_tokens//seqlen windows (0 = all)")
+    e.add_argument("--bos", action="store_true", help="prepend BOS to every window")
+    e.add_argument("--batch-size", type=int, default=4)
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", default=None, help="write ppl, tokens_scored, seqlen, bits_per_weight, model_bytes, seconds")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("info", help="describe a lowbit checkpoint")
+    i.add_argument("model")
+    i.add_argument("--layers", action="store_true", help="list every quantized layer")
+    i.add_argument("--json", action="store_true", help="print lowbit.json")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130

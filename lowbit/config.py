@@ -1,0 +1,91 @@
+"""Validated configuration: one frozen dataclass per concern, built by the CLI or the Python API.
+
+Nothing below the CLI sees command-line arguments: solvers read :class:`QuantConfig`, the runner
+reads :class:`CalibConfig`.  ``asdict`` of both is saved in ``lowbit.json`` next to every artifact.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+from .errors import LowbitError
+
+
+class Method(str, Enum):
+    """Quantization methods."""
+
+    RTN = "rtn"    # round-to-nearest on the group grid; data-free
+    GPTQ = "gptq"  # column-feedback with the calibration Hessian (Frantar et al. 2022)
+
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How each linear weight is quantized."""
+
+    method: Method = Method.GPTQ
+    bits: int = 4                 # code width; 2…8
+    group_size: int = 128         # columns sharing a scale; -1 = one group per row; need not divide n
+    sym: bool = False             # symmetric grid (zero = 2^(bits-1)) instead of asymmetric
+    act_order: bool = False       # GPTQ: quantize columns by decreasing diag(H)
+    static_groups: bool = True    # with act_order: fit group grids before permuting (contiguous groups)
+    damp: float = 0.01            # GPTQ: λ in H + λ·mean(diag H)·I, raised ×10 on failure
+    block_size: int = 128         # GPTQ: lazy-update block width
+    mse: bool = False             # shrink each group's range by MSE search (1.0 … 0.8)
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "method", Method(self.method))
+        except ValueError:
+            raise LowbitError(f"--method: unknown method {self.method!r} (choose from "
+                              f"{', '.join(m.value for m in Method)})") from None
+        if self.bits not in SUPPORTED_BITS:
+            raise LowbitError(f"--bits {self.bits} is not supported (choose from {', '.join(map(str, SUPPORTED_BITS))})")
+        if self.group_size != -1 and self.group_size < 1:
+            raise LowbitError(f"--group-size {self.group_size} is not supported (use -1 for per-row, or a positive size)")
+        if not 0 < self.damp < 1e3:
+            raise LowbitError(f"--damp {self.damp} must be positive")
+        if self.block_size < 1:
+            raise LowbitError(f"--block-size {self.block_size} must be positive")
+
+    def group_size_for(self, n: int) -> int:
+        """Effective group size for a row of ``n`` columns (per-row when -1 or larger than n)."""
+        return n if self.group_size == -1 or self.group_size > n else self.group_size
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["method"] = self.method.value
+        return d
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Where calibration data comes from and how the runner processes it."""
+
+    source: str = "default"       # 'default' (embedded corpus, calibration plays), a file, folder or dataset
+    nsamples: int = 64            # windows drawn
+    seqlen: int = 512             # tokens per window
+    seed: int = 0                 # window offsets (private generator; global RNG untouched)
+    batch_size: int = 0           # windows per forward pass in the runner; 0 = auto (65 536 tokens)
+    dtype: str = "auto"           # activations' dtype in the runner: auto = bfloat16 on CPU/CUDA if supported
+    true_sequential: bool = True  # re-run the block between linear groups (q/k/v, o, gate/up, down)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.nsamples < 1:
+            raise LowbitError(f"--nsamples {self.nsamples} must be >= 1")
+        if self.seqlen < 2:
+            raise LowbitError(f"--seqlen {self.seqlen} must be >= 2")
+        if self.batch_size < 0:
+            raise LowbitError(f"--batch-size {self.batch_size} must be >= 0 (0 = auto)")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise LowbitError(f"--calib-dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
+
+    def windows_per_batch(self) -> int:
+        """Micro-batch size: as set, or as many windows as fit 65 536 tokens (at least one)."""
+        return self.batch_size or max(1, min(self.nsamples, 65536 // self.seqlen))
+
+    def to_json(self) -> dict:
+        return asdict(self)

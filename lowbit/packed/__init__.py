@@ -1,0 +1,1 @@
+"""Packed weight formats, the inference module that holds them, and the checkpoint folder."""

@@ -1,0 +1,177 @@
+"""The lowbit checkpoint folder: packed weights that load back into a working transformers model.
+
+Layout of ``DIR``::
+
+    lowbit.json          format name + version, method, resolved config, source model,
+                         calibration fingerprint, per-layer format and stats, bits/weight
+    model.safetensors    packed tensors of quantized linears (``<layer>.qweight`` …) and every other
+                         tensor of the model (embeddings, norms, head) in fp16/bf16; tied copies once
+    config.json, tokenizer files, generation_config.json   as transformers writes them
+
+:func:`save` writes into a temporary sibling folder and renames it into place, so ``DIR`` is either
+the complete old checkpoint or the complete new one, never half-written.  :func:`load` checks the
+version, the key set and every shape, and fails with a :class:`LowbitError` naming the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from .qlinear import QuantLinear
+from .qweight import FormatError, from_tensors
+
+FORMAT = "lowbit"
+FORMAT_VERSION = 1
+META_FILE = "lowbit.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _state_for_saving(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Model tensors to store: packed buffers as they are, float tensors in ``dtype``, tied copies once."""
+    seen, out = set(), {}
+    for name, t in model.state_dict().items():
+        if t.device.type == "meta":
+            raise LowbitError(f"tensor '{name}' has no data (meta device); cannot save")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        is_packed = isinstance(model.get_submodule(name.rpartition(".")[0]) if "." in name else model, QuantLinear)
+        if t.is_floating_point() and not (is_packed and not name.endswith(".bias")):
+            t = t.to(dtype)
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def save(out_dir: str | os.PathLike, model: nn.Module, tokenizer, meta: dict, dtype: torch.dtype = torch.float16) -> Path:
+    """Write ``model`` (with its :class:`QuantLinear` layers), tokenizer and ``meta`` to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    if out.exists() and not (out / META_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise LowbitError(f"--out '{out}' exists and is not a lowbit checkpoint; refusing to overwrite it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+    except OSError as e:
+        raise LowbitError(f"--out '{out}': cannot write there ({e.strerror})") from None
+    try:
+        save_file(_state_for_saving(model, dtype), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        full = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": str(dtype).replace("torch.", ""), **meta}
+        (tmp / META_FILE).write_text(json.dumps(full, indent=1, sort_keys=False) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LowbitError(f"--out '{out}': writing the checkpoint failed ({e.strerror or e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_meta(model_dir: str | os.PathLike) -> dict:
+    """``lowbit.json`` of a checkpoint, validated for format and version."""
+    path = Path(model_dir) / META_FILE
+    if not Path(model_dir).is_dir():
+        raise LowbitError(f"checkpoint '{model_dir}' not found")
+    if not path.is_file():
+        raise LowbitError(f"'{model_dir}' is not a lowbit checkpoint: {META_FILE} is missing")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LowbitError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise LowbitError(f"{path}: not a lowbit checkpoint description")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise LowbitError(f"{path}: unknown format version {meta.get('format_version')!r} "
+                          f"(this lowbit reads version {FORMAT_VERSION})")
+    if not isinstance(meta.get("layers"), dict):
+        raise LowbitError(f"{path}: missing or invalid 'layers'")
+    return meta
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise LowbitError(f"{path} is missing")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise LowbitError(f"{path} is truncated or corrupt ({str(e).splitlines()[0][:200]})") from None
+
+
+def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """Load a checkpoint -> ``(model, tokenizer, meta)``; quantized linears stay packed in memory.
+
+    Unquantized tensors are cast to ``dtype`` (default: float32 on CPU, the stored dtype elsewhere)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    meta = read_meta(model_dir)
+    tensors = _read_tensors(model_dir / WEIGHTS_FILE)
+    stored = getattr(torch, str(meta.get("dtype", "float16")), torch.float16)
+    dtype = dtype or (torch.float32 if torch.device(device).type == "cpu" else stored)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:
+        raise LowbitError(f"{model_dir}/config.json: cannot build the model ({str(e).splitlines()[0][:200]})") from None
+    wpath = model_dir / WEIGHTS_FILE
+    for name, lmeta in meta["layers"].items():
+        prefix = name + "."
+        mine = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
+        bias = mine.pop("bias", None)
+        try:
+            packed = from_tensors(mine, lmeta)
+            old = model.get_submodule(name)
+        except FormatError as e:
+            raise LowbitError(f"{wpath}: layer '{name}': {e}") from None
+        except AttributeError:
+            raise LowbitError(f"{wpath}: layer '{name}' does not exist in this model") from None
+        if not isinstance(old, nn.Linear) or tuple(packed.shape) != (old.out_features, old.in_features):
+            raise LowbitError(f"{wpath}: layer '{name}' has shape {tuple(packed.shape)}, the model expects "
+                              f"{(getattr(old, 'out_features', '?'), getattr(old, 'in_features', '?'))}")
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, QuantLinear(packed, None if bias is None else bias.to(dtype)))
+    expected = model.state_dict()
+    for k, t in tensors.items():
+        if k not in expected:
+            raise LowbitError(f"{wpath}: unexpected tensor '{k}'")
+        if tuple(t.shape) != tuple(expected[k].shape):
+            raise LowbitError(f"{wpath}: tensor '{k}' has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
+    model.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()},
+                          strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise LowbitError(f"{wpath}: missing tensor '{missing[0]}'")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:
+        raise LowbitError(f"{model_dir}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})") from None
+    model.to(device).eval()
+    return model, tokenizer, meta

@@ -1,0 +1,148 @@
+"""Packed quantized weights: frozen dataclasses of plain tensors plus JSON-safe metadata.
+
+Every packed format implements the same small interface, so the checkpoint code, the inference
+module and the bit accounting never branch on the method:
+
+* ``kind``                          — the format's name in ``lowbit.json``;
+* ``tensors() -> dict[str, Tensor]`` — what goes into safetensors (suffixes of the layer name);
+* ``meta() -> dict``                — JSON-safe settings needed to read the tensors back;
+* ``from_tensors(tensors, meta)``   — the inverse, validating keys, dtypes and shapes;
+* ``dequantize() -> Tensor (m, n)`` — the float weight (reference path);
+* ``stored_bits()``                 — every bit stored for this weight (codes, scales, zeros, indices).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import bitpack
+
+
+class FormatError(ValueError):
+    """Packed tensors that do not match their metadata (wrong keys, dtypes or shapes)."""
+
+
+def _expect(tensors: dict, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if key not in tensors:
+        raise FormatError(f"missing tensor '{key}'")
+    t = tensors[key]
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        raise FormatError(f"tensor '{key}' is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
+    return t
+
+
+@dataclass(frozen=True)
+class GroupQuantWeight:
+    """Group-wise uniform integer weight ``Ŵ[i, j] = scale[i, g(j)]·(q[i, j] − zero[i, g(j)])``.
+
+    Shapes, for ``W`` (m, n), group size ``gs`` and ``G = ceil(n/gs)`` groups (the last may be partial):
+
+    * ``qweight``  int32 ``(m, ceil(n/32)·bits)`` — codes in original column order, bit-packed;
+    * ``scales``   fp16  ``(m, G)``;
+    * ``qzeros``   int32 ``(G, ceil(m/32)·bits)`` — integer zero points, packed along the output axis
+      (few groups per row would waste most of a word); ``None`` when symmetric (zero = ``2^(bits−1)``);
+    * ``g_idx``    int32 ``(n,)`` — group of each input column; ``None`` when groups are contiguous
+      (``g(j) = j // gs``), which is the case unless act-order ran without static groups.
+    """
+
+    kind = "int"
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    qzeros: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
+
+    @property
+    def sym(self) -> bool:
+        return self.qzeros is None
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.shape[1] // self.group_size)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                   group_size: int, g_idx: torch.Tensor | None = None) -> "GroupQuantWeight":
+        """Pack integer ``codes`` (m, n), float ``scales``/``zeros`` (m, G) (``zeros=None``: symmetric)."""
+        m, n = codes.shape
+        return cls(
+            shape=(m, n), bits=bits, group_size=group_size,
+            qweight=bitpack.pack(codes, bits).cpu(),
+            scales=scales.to(torch.float16).cpu().contiguous(),
+            qzeros=None if zeros is None else bitpack.pack(zeros.round().to(torch.int64).t(), bits).cpu(),
+            g_idx=None if g_idx is None else g_idx.to(torch.int32).cpu().contiguous(),
+        )
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes (m, n) int64."""
+        return bitpack.unpack(self.qweight, self.bits, self.shape[1])
+
+    def zeros(self) -> torch.Tensor:
+        """Zero points (m, G) as float32."""
+        m = self.shape[0]
+        if self.qzeros is None:
+            return torch.full((m, self.n_groups), float(2 ** (self.bits - 1)), device=self.scales.device)
+        return bitpack.unpack(self.qzeros, self.bits, m).t().float()
+
+    def column_groups(self) -> torch.Tensor:
+        """Group index of every input column (n,) int64."""
+        if self.g_idx is not None:
+            return self.g_idx.long()
+        return torch.arange(self.shape[1], device=self.scales.device) // self.group_size
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight ``(m, n)``: ``scales[:, g] · (codes − zeros[:, g])``."""
+        g = self.column_groups()
+        scale = self.scales.float()[:, g]
+        zero = self.zeros()[:, g]
+        return (scale * (self.codes().float() - zero)).to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.qweight, "scales": self.scales}
+        if self.qzeros is not None:
+            out["qzeros"] = self.qzeros
+        if self.g_idx is not None:
+            out["g_idx"] = self.g_idx
+        return out
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "shape": list(self.shape), "bits": self.bits, "group_size": self.group_size,
+                "sym": self.sym, "g_idx": self.g_idx is not None}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "GroupQuantWeight":
+        try:
+            m, n = (int(v) for v in meta["shape"])
+            bits, gs, sym, has_gidx = int(meta["bits"]), int(meta["group_size"]), bool(meta["sym"]), bool(meta["g_idx"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"bad layer metadata {meta!r}: {e}") from None
+        if not (1 <= bits <= 8 and gs >= 1 and m >= 1 and n >= 1):
+            raise FormatError(f"bad layer metadata {meta!r}")
+        n_groups = -(-n // gs)
+        g_idx = _expect(tensors, "g_idx", torch.int32, (n,)) if has_gidx else None
+        if g_idx is not None and n and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
+            raise FormatError(f"tensor 'g_idx' has group indices outside 0..{n_groups - 1}")
+        return cls(
+            shape=(m, n), bits=bits, group_size=gs,
+            qweight=_expect(tensors, "qweight", torch.int32, (m, bitpack.packed_width(n, bits))),
+            scales=_expect(tensors, "scales", torch.float16, (m, n_groups)),
+            qzeros=None if sym else _expect(tensors, "qzeros", torch.int32, (n_groups, bitpack.packed_width(m, bits))),
+            g_idx=g_idx,
+        )
+
+    def stored_bits(self) -> int:
+        return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())
+
+
+FORMATS = {GroupQuantWeight.kind: GroupQuantWeight}
+
+
+def from_tensors(tensors: dict[str, torch.Tensor], meta: dict):
+    """Rebuild a packed weight of any registered format from its tensors and metadata."""
+    kind = meta.get("kind") if isinstance(meta, dict) else None
+    if kind not in FORMATS:
+        raise FormatError(f"unknown packed format {kind!r}")
+    return FORMATS[kind].from_tensors(tensors, meta)

@@ -1,0 +1,5 @@
+"""Solvers: pure functions ``solve(W, H, cfg) -> (packed weight, info)``, one file per method."""
+from ..config import Method
+from . import gptq, rtn
+
+SOLVERS = {Method.RTN: rtn.solve, Method.GPTQ: gptq.solve}

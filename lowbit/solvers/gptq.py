@@ -1,0 +1,75 @@
+"""GPTQ (Frantar et al. 2022): group-wise integer grids solved with the column-feedback engine.
+
+``solve(W (m, n), H (n, n), cfg) -> (GroupQuantWeight, info)``; pure: no modules, files or prints.
+
+1. Dead inputs (``H_ii = 0``): ``H_ii = 1``, ``W[:, i] = 0``.
+2. Act-order: columns by decreasing ``diag(H)``.  Static groups fit every group's grid on the
+   original columns before permuting, so groups stay contiguous (no ``g_idx``); otherwise groups
+   are consecutive in the permuted order and ``g_idx`` is stored.
+3. ``U = chol((H + λ·mean(diag H)·I)⁻¹)`` upper, λ raised ×10 until it factors.
+4. Column feedback; a group's grid is fitted from the current, already updated columns when its
+   first column is reached (lazy blocks are aligned to groups so those columns are up to date).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantConfig
+from ..packed.qweight import GroupQuantWeight
+from .feedback import column_feedback, inverse_cholesky
+from .grid import UniformGrid
+from .loss import codes_from_values, fix_dead_inputs, proxy_loss
+
+
+def solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[GroupQuantWeight, dict]:
+    """Quantize ``W`` (m, n) against the proxy Hessian ``H`` (n, n); returns the packed weight and
+    ``info = {"loss": ½·tr(ΔW H ΔWᵀ), "damp": λ used}``."""
+    W, H = fix_dead_inputs(W.float().clone(), H.float().clone())
+    m, n = W.shape
+    gs = cfg.group_size_for(n)
+    n_groups = -(-n // gs)
+    grid = UniformGrid(cfg.bits, cfg.sym, cfg.mse)
+    scales = torch.zeros(m, n_groups, device=W.device)
+    zeros = torch.zeros(m, n_groups, device=W.device)
+
+    def fit(g: int, cols: torch.Tensor) -> None:
+        scales[:, g], zeros[:, g] = grid.fit(cols)
+
+    upfront = gs == n or (cfg.act_order and cfg.static_groups)
+    if upfront:
+        for g in range(n_groups):
+            fit(g, W[:, g * gs:(g + 1) * gs])
+
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if cfg.act_order else None
+    W0, H0 = W, H
+    if perm is not None:
+        W, H = W[:, perm], H[perm][:, perm]
+    positions = torch.arange(n, device=W.device)
+    orig_col = perm if perm is not None else positions
+    group_of = (orig_col if upfront else positions) // gs  # group of each permuted position
+    group_of_list = group_of.tolist()
+
+    U, lam = inverse_cholesky(H, cfg.damp)
+
+    maxq = grid.maxq
+
+    def quantize(p: int, Wlive: torch.Tensor) -> torch.Tensor:
+        g = group_of_list[p]
+        if not upfront and p % gs == 0:
+            fit(g, Wlive[:, p:p + gs])
+        s, z = scales[:, g:g + 1], zeros[:, g:g + 1]
+        return torch.clamp(torch.round(Wlive[:, p:p + 1] / s) + z, 0, maxq).sub_(z).mul_(s)
+
+    block = gs * max(1, cfg.block_size // gs) if not upfront else cfg.block_size
+    Q = column_feedback(W, U, quantize, block_size=block)[0]
+
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        if not upfront:
+            g_idx = group_of[inv]
+    col_groups = g_idx if g_idx is not None else positions // gs
+    codes = codes_from_values(Q, scales, zeros, col_groups, grid.maxq)
+    qw = GroupQuantWeight.from_codes(codes, scales, None if cfg.sym else zeros, cfg.bits, gs, g_idx)
+    return qw, {"loss": proxy_loss(W0, Q, H0), "damp": lam}

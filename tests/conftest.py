@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random-config models of every supported family, saved as HF folders.
+
+No downloads: configs are built locally, weights are random (seeded), the tokenizer is a small
+byte-level BPE trained in the test on generated text.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+WORDS = ("the king queen lord lady love death night day sword crown heart blood fair foul sweet "
+         "speak hear see come go stay fly run and but or if not so yet thou thee thy my our your "
+         "good ill true false gold iron stone fire water air earth sea land sky star moon sun").split()
+
+
+def make_text(n_words: int = 6000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines, line = [], []
+    for _ in range(n_words):
+        line.append(rng.choice(WORDS))
+        if len(line) >= rng.randint(5, 10):
+            lines.append(" ".join(line).capitalize() + rng.choice([",", ".", ";", "!", "?"]))
+            line = []
+    return "\n".join(lines) + "\n"
+
+
+def make_tokenizer(text: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def family_config(family: str, vocab: int):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if family == "llama":
+        return tf.LlamaConfig(**common, tie_word_embeddings=True)
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=None)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if family == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=16)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(**{**common, "num_hidden_layers": 3}, head_dim=16, sliding_window=16,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    if family == "opt":
+        return tf.OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64,
+                            bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "opt")
+
+
+def build_tiny_model(family: str, path, text: str):
+    from transformers import AutoModelForCausalLM
+
+    tok = make_tokenizer(text)
+    cfg = family_config(family, len(tok))
+    gen = torch.random.fork_rng()
+    with gen:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():  # larger-than-default weights so quantization error is visible
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.08)
+    model.eval()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "calib.txt"
+    p.write_text(make_text())
+    return p
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_text):
+    """``{family: folder}`` of tiny random models, built once per session."""
+    root = tmp_path_factory.mktemp("models")
+    text = tiny_text.read_text()
+    return {f: build_tiny_model(f, root / f, text) for f in FAMILIES}

@@ -1,0 +1,117 @@
+"""End to end on tiny random models of every family: quantize → save → load → eval, via the API
+and the CLI (console script and ``python -m lowbit``)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.models.arch import resolve_spec
+from lowbit.packed.qlinear import QuantLinear
+
+from conftest import FAMILIES
+
+CALIB = dict(nsamples=8, seqlen=64, seed=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_round_trip(family, tiny_models, tiny_text, tmp_path):
+    res = lowbit.quantize(str(tiny_models[family]), method="gptq", bits=4, group_size=32, source=str(tiny_text),
+                          out=tmp_path / "q", progress=False, **CALIB)
+    n_linears = len(res.meta["layers"])
+    spec = resolve_spec(res.model)
+    per_block = sum(len(g) for g in spec.groups)
+    assert per_block == (6 if family == "opt" else 7)
+    assert n_linears == per_block * len(lowbit.api.blocks_of(res.model, spec))
+    assert all(l["loss"] > 0 for l in res.meta["layers"].values())
+    model, tok, meta = lowbit.load(tmp_path / "q", device="cpu")
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n_linears
+    # the loaded model computes exactly what the in-memory quantized model computes
+    ids = torch.tensor(tok(tiny_text.read_text()[:2000], add_special_tokens=False)["input_ids"][:64])[None]
+    with torch.no_grad():
+        a = res.model(input_ids=ids).logits
+        b = model(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=2e-2, rtol=1e-2)  # non-quantized tensors are stored in fp16
+    ev = lowbit.evaluate_ppl(model, tok, text=str(tiny_text), seqlen=64, max_tokens=1024)
+    assert ev["tokens_scored"] == 16 * 63 and 1 < ev["ppl"] < 10 * len(tok)
+
+
+def test_quantized_close_to_fp_and_gptq_beats_rtn(tiny_models, tiny_text, tmp_path):
+    from lowbit.models.sources import load_model
+
+    fp, tok, _ = load_model(str(tiny_models["llama"]))
+    ids = torch.tensor(tok(tiny_text.read_text(), add_special_tokens=False)["input_ids"][:1024]).view(16, 64)
+    with torch.no_grad():
+        ref = fp(input_ids=ids).logits
+    errs = {}
+    for method in ("rtn", "gptq"):
+        res = lowbit.quantize(str(tiny_models["llama"]), method=method, bits=3, group_size=32, source=str(tiny_text),
+                              progress=False, **CALIB)
+        with torch.no_grad():
+            errs[method] = (res.model(input_ids=ids).logits - ref).pow(2).mean().item()
+    assert errs["gptq"] < errs["rtn"]
+
+
+def test_true_sequential_modes_agree_roughly(tiny_models, tiny_text):
+    """One micro-batch (solve inside the pass) and several micro-batches (stopped passes) are the
+    same algorithm: per-layer losses agree to rounding."""
+    a = lowbit.quantize(str(tiny_models["qwen2"]), bits=4, group_size=32, source=str(tiny_text), batch_size=8,
+                        dtype="float32", progress=False, **CALIB)
+    b = lowbit.quantize(str(tiny_models["qwen2"]), bits=4, group_size=32, source=str(tiny_text), batch_size=3,
+                        dtype="float32", progress=False, **CALIB)
+    for name, la in a.meta["layers"].items():
+        assert la["loss"] == pytest.approx(b.meta["layers"][name]["loss"], rel=1e-3, abs=1e-6)
+
+
+def test_quantize_leaves_global_rng_alone(tiny_models, tiny_text):
+    state = torch.random.get_rng_state()
+    lowbit.quantize(str(tiny_models["llama"]), bits=4, group_size=32, source=str(tiny_text), progress=False, **CALIB)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def _cli(*args, module=False):
+    exe = [sys.executable, "-m", "lowbit"] if module else [sys.executable, "-c",
+                                                            "import sys; from lowbit.cli import main; sys.exit(main())"]
+    return subprocess.run(exe + list(args), capture_output=True, text=True, timeout=600)
+
+
+def test_cli_quantize_eval_info(tiny_models, tiny_text, tmp_path):
+    out, qj, ej = tmp_path / "m", tmp_path / "q.json", tmp_path / "e.json"
+    r = _cli("quantize", str(tiny_models["mistral"]), "--method", "gptq", "--bits", "4", "--group-size", "32",
+             "--sym", "--act-order", "--calib", str(tiny_text), "--nsamples", "8", "--seqlen", "64", "--seed", "0",
+             "--out", str(out), "--json", str(qj), "--quiet", module=True)
+    assert r.returncode == 0, r.stderr
+    q = json.loads(qj.read_text())
+    assert {"seconds", "bits_per_weight", "peak_rss_bytes", "layers"} <= set(q)
+    assert q["bits_per_weight"] == pytest.approx(4 + 16 / 32, abs=0.01)  # sym: codes + fp16 scales
+    assert all(v["loss"] > 0 for v in q["layers"].values())
+    r = _cli("eval", str(out), "--text", str(tiny_text), "--seqlen", "64", "--max-tokens", "640", "--bos",
+             "--json", str(ej), "--quiet")
+    assert r.returncode == 0, r.stderr
+    e = json.loads(ej.read_text())
+    assert {"ppl", "tokens_scored", "seqlen", "bits_per_weight", "model_bytes", "seconds"} <= set(e)
+    assert e["tokens_scored"] == 10 * 63 and e["seqlen"] == 64
+    r = _cli("info", str(out))
+    assert r.returncode == 0 and "gptq" in r.stdout and "bits/weight" in r.stdout
+    meta = json.loads((out / "lowbit.json").read_text())
+    assert meta["config"]["act_order"] and meta["config"]["sym"]
+    assert meta["calibration"]["fingerprint"] and meta["source"]["kind"] == "folder"
+
+
+def test_console_script_installed():
+    import shutil
+
+    exe = shutil.which("lowbit")
+    assert exe, "the 'lowbit' console script is not installed"
+    r = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and lowbit.__version__ in r.stdout
+
+
+def test_fp_model_eval_reports_16_bits(tiny_models, tiny_text, tmp_path):
+    ej = tmp_path / "e.json"
+    r = _cli("eval", str(tiny_models["opt"]), "--text", str(tiny_text), "--seqlen", "64", "--max-tokens", "256",
+             "--json", str(ej), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(ej.read_text())["bits_per_weight"] == 16.0
