@@ -96,11 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per row (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="GPTQ: columns by decreasing Hessian diagonal (default on; static groups keep it free)")
     q.add_argument("--no-static-groups", action="store_true", help="with --act-order: groups in permuted order (stores g_idx)")
     q.add_argument("--damp", type=float, default=0.01)
     q.add_argument("--block-size", type=int, default=128)
-    q.add_argument("--mse", action="store_true", help="MSE search of each group's range")
+    q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
+                   help="MSE search of each group's range (default on)")
     q.add_argument("--calib", default="default", help="calibration text: default | FILE | DIR | HF dataset")
     q.add_argument("--nsamples", type=int, default=64)
     q.add_argument("--seqlen", type=int, default=512)
@@ -137,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # lowbit reports problems itself, in one line
+    if getattr(args, "quiet", False):
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except LowbitError as e:

@@ -29,11 +29,11 @@ class QuantConfig:
     bits: int = 4                 # code width; 2…8
     group_size: int = 128         # columns sharing a scale; -1 = one group per row; need not divide n
     sym: bool = False             # symmetric grid (zero = 2^(bits-1)) instead of asymmetric
-    act_order: bool = False       # GPTQ: quantize columns by decreasing diag(H)
+    act_order: bool = True        # GPTQ: quantize columns by decreasing diag(H) (free with static groups)
     static_groups: bool = True    # with act_order: fit group grids before permuting (contiguous groups)
     damp: float = 0.01            # GPTQ: λ in H + λ·mean(diag H)·I, raised ×10 on failure
     block_size: int = 128         # GPTQ: lazy-update block width
-    mse: bool = False             # shrink each group's range by MSE search (1.0 … 0.8)
+    mse: bool = True              # shrink each group's range by MSE search (1.0 … 0.8)
 
     def __post_init__(self):
         try:

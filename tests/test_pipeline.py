@@ -28,6 +28,11 @@ def test_family_round_trip(family, tiny_models, tiny_text, tmp_path):
     assert all(l["loss"] > 0 for l in res.meta["layers"].values())
     model, tok, meta = lowbit.load(tmp_path / "q", device="cpu")
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == n_linears
+    saved = {n: m for n, m in res.model.named_modules() if isinstance(m, QuantLinear)}
+    for name, mod in model.named_modules():  # packed tensors survive save/load bit for bit
+        if isinstance(mod, QuantLinear):
+            for key, t in mod.packed.tensors().items():
+                assert torch.equal(t, saved[name].packed.tensors()[key]), (name, key)
     # the loaded model computes exactly what the in-memory quantized model computes
     ids = torch.tensor(tok(tiny_text.read_text()[:2000], add_special_tokens=False)["input_ids"][:64])[None]
     with torch.no_grad():
@@ -115,3 +120,20 @@ def test_fp_model_eval_reports_16_bits(tiny_models, tiny_text, tmp_path):
              "--json", str(ej), "--quiet")
     assert r.returncode == 0, r.stderr
     assert json.loads(ej.read_text())["bits_per_weight"] == 16.0
+
+
+def test_discovery_fallback_matches_the_spec(tiny_models, tiny_text):
+    """An unknown family: blocks found as the longest ModuleList, linears grouped by shared input in
+    call order — the same groups the LLaMA spec lists by hand."""
+    from lowbit.calib.runner import capture, discover_groups
+    from lowbit.models.arch import SPECS, blocks_of
+    from lowbit.models.sources import load_model
+
+    model, tok, _ = load_model(str(tiny_models["llama"]))
+    model.config.model_type = "my-new-family"
+    spec = resolve_spec(model)
+    assert spec.blocks == "model.layers" and spec.groups is None
+    ids = torch.tensor(tok(tiny_text.read_text(), add_special_tokens=False)["input_ids"][:128]).view(2, 64)
+    blocks = blocks_of(model, spec)
+    inputs, calls = capture(model, blocks, ids, 2, "cpu", torch.float32)
+    assert discover_groups(blocks[0], inputs[0], calls[0][0]) == SPECS["llama"].groups

@@ -25,7 +25,7 @@ EVAL_PLAYS = (
 
 _HEADING = re.compile(r"^#{1,6}\s*")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
-_ITALIC = re.compile(r"(?<![\w*])_(.+?)_(?![\w*])")
+_ITALIC = re.compile(r"(?<![\w*])_([^_]+?)_(?![\w*])")  # may span lines (long stage directions)
 _BLANKS = re.compile(r"\n{3,}")
 
 
@@ -35,9 +35,8 @@ def strip_markdown(md: str) -> str:
     lines = []
     for line in md.splitlines():
         line = _HEADING.sub("", line.rstrip())
-        line = _ITALIC.sub(r"\1", _BOLD.sub(r"\1", line))
-        lines.append(line.rstrip())
-    return _BLANKS.sub("\n\n", "\n".join(lines)).strip() + "\n"
+        lines.append(_BOLD.sub(r"\1", line).rstrip())
+    return _BLANKS.sub("\n\n", _ITALIC.sub(r"\1", "\n".join(lines))).strip() + "\n"
 
 
 def plays_dir() -> Path:
@@ -62,4 +61,4 @@ def shakespeare(split: str) -> str:
     if not ids:
         raise LowbitError(f"the default corpus in {plays_dir()} has no {split} plays")
     root = plays_dir()
-    return "\n\n".join(strip_markdown((root / f"{p}.md").read_text(encoding="utf-8")) for p in ids)
+    return "\n".join(strip_markdown((root / f"{p}.md").read_text(encoding="utf-8")) for p in ids)

@@ -78,6 +78,20 @@ def _cache_gguf(model, tokenizer, target: Path) -> None:
         shutil.rmtree(locals().get("tmp", target.parent / ".none"), ignore_errors=True)
 
 
+def _check_model_type(config_file: Path) -> None:
+    """Fail early, and clearly, on a config whose ``model_type`` transformers does not know."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise LowbitError(f"{config_file}: not a readable JSON config ({e})") from None
+    if model_type not in CONFIG_MAPPING:
+        raise LowbitError(f"{config_file}: unknown architecture {model_type!r} (not a transformers model type)")
+
+
 def load_model(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """Load a float causal LM and its tokenizer from any source; returns ``(model, tokenizer, info)``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -93,9 +107,11 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, trust_remote_cod
             path = str(cached)
         else:
             kw["gguf_file"] = info["gguf_file"]
+    if info["kind"] == "folder":
+        _check_model_type(Path(path) / "config.json")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if "gguf_file" in kw else dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     except LowbitError:
         raise
     except Exception as e:  # transformers raises many types for unreadable models
