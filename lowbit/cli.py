@@ -30,7 +30,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     from .config import CalibConfig, QuantConfig
 
     quant = QuantConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, act_order=a.act_order,
-                        static_groups=not a.no_static_groups, damp=a.damp, block_size=a.block_size, mse=a.mse)
+                        static_groups=not a.no_static_groups, damp=a.damp, block_size=a.block_size, mse=a.mse,
+                        beta=a.beta, pullback=a.pullback)
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                         batch_size=a.batch_size, dtype=a.calib_dtype, true_sequential=not a.no_true_sequential)
     res = api.quantize(a.model, out=a.out, quant=quant, calib=calib, device=a.device, progress=not a.quiet,
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it packed")
     q.add_argument("model", help="model folder, .gguf file, hub id, or 'smollm2-135m' (the demo model)")
-    q.add_argument("--method", default="gptq", help="rtn or gptq (default gptq)")
+    q.add_argument("--method", default="gptq", help="rtn, gptq or foem (default gptq)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per row (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
@@ -100,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ: columns by decreasing Hessian diagonal (default on; static groups keep it free)")
     q.add_argument("--no-static-groups", action="store_true", help="with --act-order: groups in permuted order (stores g_idx)")
     q.add_argument("--damp", type=float, default=0.01)
+    q.add_argument("--beta", type=float, default=0.1, help="FOEM: first-order coefficient (default 0.1)")
+    q.add_argument("--pullback", default="next", help="FOEM: pull back the 'next' column or 'all' remaining")
     q.add_argument("--block-size", type=int, default=128)
     q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
                    help="MSE search of each group's range (default on)")

@@ -16,6 +16,7 @@ class Method(str, Enum):
 
     RTN = "rtn"    # round-to-nearest on the group grid; data-free
     GPTQ = "gptq"  # column-feedback with the calibration Hessian (Frantar et al. 2022)
+    FOEM = "foem"  # GPTQ + first-order error compensation (arXiv 2507.11017)
 
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -34,6 +35,8 @@ class QuantConfig:
     damp: float = 0.01            # GPTQ: λ in H + λ·mean(diag H)·I, raised ×10 on failure
     block_size: int = 128         # GPTQ: lazy-update block width
     mse: bool = True              # shrink each group's range by MSE search (1.0 … 0.8)
+    beta: float = 0.1             # FOEM: first-order coefficient β (0 = GPTQ); > 0.5 degrades
+    pullback: str = "next"        # FOEM: pull back the next column only ("next") or all remaining ("all")
 
     def __post_init__(self):
         try:
@@ -47,6 +50,10 @@ class QuantConfig:
             raise LowbitError(f"--group-size {self.group_size} is not supported (use -1 for per-row, or a positive size)")
         if not 0 < self.damp < 1e3:
             raise LowbitError(f"--damp {self.damp} must be positive")
+        if not 0 <= self.beta < 1:
+            raise LowbitError(f"--beta {self.beta} must be in [0, 1)")
+        if self.pullback not in ("next", "all"):
+            raise LowbitError(f"--pullback {self.pullback!r}: choose 'next' or 'all'")
         if self.block_size < 1:
             raise LowbitError(f"--block-size {self.block_size} must be positive")
 

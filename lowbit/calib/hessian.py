@@ -15,11 +15,11 @@ from torch import nn
 def accumulate_hessian(S: torch.Tensor, x: torch.Tensor) -> int:
     """``S += XᵀX`` for ``x`` (…, n) flattened to X (N, n); ``S`` (n, n) float64.  Returns N.
 
-    The product runs in ``x``'s dtype for float32/float64/bfloat16 (bf16 products carry ~2⁻⁹ relative
-    rounding per micro-batch, far below the 1 % damping; 3× faster on CPUs with bf16 units) and in
-    float32 for float16, whose range a sum of squares can overflow."""
+    The product runs in float32 at least, whatever the activations' dtype: a bf16 product is 4× faster
+    on CPUs with bf16 units, but its output rounding (~2⁻⁹ relative) measurably hurt GPTQ on the demo
+    model (ppl +1.9 %, BENCHMARKS.md); float16 sums of squares can also overflow."""
     X = x.reshape(-1, x.shape[-1])
-    if X.dtype == torch.float16:
+    if X.dtype not in (torch.float32, torch.float64):
         X = X.float()
     S += (X.T @ X).to(S.dtype)
     return X.shape[0]

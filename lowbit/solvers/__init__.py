@@ -2,4 +2,4 @@
 from ..config import Method
 from . import gptq, rtn
 
-SOLVERS = {Method.RTN: rtn.solve, Method.GPTQ: gptq.solve}
+SOLVERS = {Method.RTN: rtn.solve, Method.GPTQ: gptq.solve, Method.FOEM: gptq.solve}  # FOEM = GPTQ with β > 0

@@ -1,4 +1,4 @@
-"""The column-feedback engine shared by GPTQ, FOEM, GWQ's dense part, Squeeze10 and (Block)LDLQ.
+"""The column-feedback engine shared by GPTQ, FOEM (first-order term built in), GWQ's dense part, Squeeze10 and (Block)LDLQ.
 
 Minimise the proxy loss ``tr((Ŵ − W) H (Ŵ − W)ᵀ)`` one unit of ``d`` columns at a time.
 With ``U`` the upper Cholesky factor of ``H⁻¹`` (``H⁻¹ = UᵀU``), quantizing unit ``k`` leaves the
@@ -52,24 +52,41 @@ def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, retries: int = 4) -> t
 
 
 def column_feedback(W: torch.Tensor, U: torch.Tensor, quantize: Quantize, *, unit: int = 1,
-                    block_size: int = 128) -> tuple[torch.Tensor, float]:
+                    block_size: int = 128, beta: float = 0.0, W_orig: torch.Tensor | None = None,
+                    pullback: str = "next") -> tuple[torch.Tensor, float]:
     """Quantize ``W`` (m, n) column unit by unit with error feedback through ``U`` (n, n).
 
     ``block_size`` must be a multiple of ``unit`` and ``n`` a multiple of ``unit``.
     Returns ``(Q, loss)``: the quantized weight (m, n) in the same column order, and ``Σ‖e_k‖²/2``.
+
+    First-order term (FOEM, ``beta`` = β > 0, ``W_orig`` = 𝕎 the original weights, same order):
+    the error fed back becomes ``e = ((w − q) − β (w − 𝕎)) / U_ii`` and the not-yet-quantized
+    columns are pulled back toward the original, ``w ← w − β (w − 𝕎)``: only the next column
+    (``pullback="next"``, applied just before that column is quantized) or every remaining column
+    after each step (``"all"``; the lazy update of the columns after a block then carries the
+    factors ``(1 − β)^k`` so that it equals the column-by-column order exactly).  β = 0 is GPTQ.
     """
     m, n = W.shape
     if n % unit or block_size % unit:
         raise ValueError(f"unit {unit} must divide n={n} and block_size={block_size}")
-    Wt = W.T.float().contiguous()  # (n, m): a column of W is a contiguous row here
+    if pullback not in ("next", "all"):
+        raise ValueError(f"pullback must be 'next' or 'all', not {pullback!r}")
+    foem = beta != 0.0
+    Wt = torch.empty(n, m, dtype=torch.float32, device=W.device)
+    Wt.copy_(W.T)                   # (n, m) working copy: a column of W is a contiguous row here
+    W0t = W_orig.T.float().contiguous() if foem else None
     Qt = torch.zeros_like(Wt)
     Errt = torch.zeros_like(Wt)
     W_view = Wt.T                   # the live (m, n) matrix the callback sees
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)
         for j in range(b0, b1, unit):
+            if foem and pullback == "next" and j > 0:
+                Wt[j:j + unit].sub_(beta * (Wt[j:j + unit] - W0t[j:j + unit]))
             q = quantize(j, W_view)                                  # (m, unit)
             d = Wt[j:j + unit] - q.T                                 # (unit, m)
+            if foem:
+                d.sub_(beta * (Wt[j:j + unit] - W0t[j:j + unit]))
             if unit == 1:
                 e = d.div_(U[j, j])
             else:  # Ukkᵀ · e = d  with Ukk upper triangular
@@ -78,6 +95,15 @@ def column_feedback(W: torch.Tensor, U: torch.Tensor, quantize: Quantize, *, uni
             Errt[j:j + unit] = e
             if j + unit < b1:
                 Wt[j + unit:b1].sub_(U[j:j + unit, j + unit:b1].T @ e)
+                if foem and pullback == "all":
+                    Wt[j + unit:b1].sub_(beta * (Wt[j + unit:b1] - W0t[j + unit:b1]))
         if b1 < n:
-            Wt[b1:].sub_(U[b0:b1, b1:].T @ Errt[b0:b1])
+            if foem and pullback == "all":
+                steps = (b1 - b0) // unit
+                c = (1 - beta) ** torch.arange(steps, 0, -1, dtype=Wt.dtype, device=Wt.device)
+                decay = (1 - beta) ** steps
+                Wt[b1:].mul_(decay).add_(W0t[b1:], alpha=1 - decay)
+                Wt[b1:].sub_(U[b0:b1, b1:].T @ (Errt[b0:b1] * c.repeat_interleave(unit)[:, None]))
+            else:
+                Wt[b1:].sub_(U[b0:b1, b1:].T @ Errt[b0:b1])
     return Qt.T.contiguous(), float(Errt.double().pow(2).sum() / 2)

@@ -7,14 +7,14 @@
    original columns before permuting, so groups stay contiguous (no ``g_idx``); otherwise groups
    are consecutive in the permuted order and ``g_idx`` is stored.
 3. ``U = chol((H + λ·mean(diag H)·I)⁻¹)`` upper, λ raised ×10 until it factors.
-4. Column feedback; a group's grid is fitted from the current, already updated columns when its
+4. Column feedback (with FOEM's first-order term when ``cfg.method`` is FOEM); a group's grid is fitted from the current, already updated columns when its
    first column is reached (lazy blocks are aligned to groups so those columns are up to date).
 """
 from __future__ import annotations
 
 import torch
 
-from ..config import QuantConfig
+from ..config import Method, QuantConfig
 from ..packed.qweight import GroupQuantWeight
 from .feedback import column_feedback, inverse_cholesky
 from .grid import UniformGrid
@@ -61,7 +61,8 @@ def solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[GroupQuan
         return torch.clamp(torch.round(Wlive[:, p:p + 1] / s) + z, 0, maxq).sub_(z).mul_(s)
 
     block = gs * max(1, cfg.block_size // gs) if not upfront else cfg.block_size
-    Q = column_feedback(W, U, quantize, block_size=block)[0]
+    beta = cfg.beta if cfg.method == Method.FOEM else 0.0
+    Q = column_feedback(W, U, quantize, block_size=block, beta=beta, W_orig=W, pullback=cfg.pullback)[0]
 
     g_idx = None
     if perm is not None:
