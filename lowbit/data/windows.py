@@ -1,37 +1,54 @@
 """Token ids and the windows cut from them: random calibration windows, consecutive eval windows."""
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from ..errors import LowbitError
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """All token ids of ``text`` without special tokens -> (L,) int64."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    """All token ids of ``text``, no special tokens added -> (L,) int64.
+
+    ``tokenizer``: any Hugging Face tokenizer, or an object with ``encode(text, add_special_tokens=False)``
+    returning a list of ids (or an encoding with ``.ids``).  The whole text is encoded in one call:
+    encoding paragraphs separately changes the tokens at the joins (e.g. ``"\\n\\n"`` merges), and one
+    call on a few MB of text takes only seconds with a fast tokenizer."""
+    hf = sys.modules.get("transformers")  # a HF tokenizer means transformers is already imported
+    if hf is not None and isinstance(tokenizer, hf.PreTrainedTokenizerBase):
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # no too-long warning
+    else:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = getattr(ids, "ids", ids)
+    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
 
 def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` windows of ``seqlen`` consecutive tokens at random offsets -> (nsamples, seqlen).
+    """``nsamples`` windows of ``seqlen`` consecutive tokens of ``ids`` (L,) at random offsets -> (nsamples, seqlen).
 
-    Offsets come from a private generator seeded with ``seed``; the global RNG is not touched."""
+    Offsets are uniform over ``[0, L - seqlen]``, drawn from a private generator seeded with ``seed``;
+    the global RNG is not touched.  Windows may overlap."""
     if nsamples < 1:
-        raise LowbitError(f"--nsamples {nsamples} must be >= 1")
+        raise LowbitError(f"--nsamples must be >= 1 (got {nsamples})")
     if seqlen < 2:
-        raise LowbitError(f"--seqlen {seqlen} must be >= 2")
-    if ids.numel() < seqlen:
-        raise LowbitError(f"calibration text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}")
+        raise LowbitError(f"--seqlen must be >= 2 (got {seqlen})")
+    n = ids.numel()
+    if n < seqlen:
+        raise LowbitError(f"calibration text has {n} tokens, fewer than one window of --seqlen {seqlen}")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
-    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, n - seqlen + 1, (nsamples,), generator=gen)
+    return ids.reshape(-1)[starts[:, None] + torch.arange(seqlen)].long()
 
 
 def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None, bos_id: int | None = None) -> torch.Tensor:
-    """Consecutive non-overlapping windows from token 0 -> (W, seqlen); the first ``max_tokens // seqlen``
-    of them (all if ``None``).  With ``bos_id`` each window is BOS + ``seqlen − 1`` text tokens."""
+    """Consecutive non-overlapping windows of ``ids`` (L,) from token 0 -> (W, seqlen); the first
+    ``max_tokens // seqlen`` of them (all if ``None``); an incomplete last window is dropped.
+
+    With ``bos_id`` each window is ``[bos_id] + seqlen - 1`` text tokens (the text is cut into
+    consecutive pieces of ``seqlen - 1``)."""
     if seqlen < 2:
-        raise LowbitError(f"--seqlen {seqlen} must be >= 2")
+        raise LowbitError(f"--seqlen must be >= 2 (got {seqlen})")
     if max_tokens is not None and max_tokens < seqlen:
         raise LowbitError(f"--max-tokens {max_tokens} is smaller than one window of --seqlen {seqlen}")
     step = seqlen - 1 if bos_id is not None else seqlen
@@ -40,7 +57,7 @@ def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None, bos_id:
         raise LowbitError(f"evaluation text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}")
     if max_tokens is not None:
         n = min(n, max_tokens // seqlen)
-    windows = ids[:n * step].view(n, step)
+    windows = ids.reshape(-1)[:n * step].reshape(n, step).long()
     if bos_id is not None:
-        windows = torch.cat([torch.full((n, 1), bos_id, dtype=windows.dtype), windows], dim=1)
-    return windows
+        windows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.long), windows], dim=1)
+    return windows.contiguous()
