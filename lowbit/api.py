@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .calib.gradients import weight_saliency
 from .calib.runner import quantize_blocks
 from .config import CalibConfig, Method, QuantConfig
 from .data import calibration_windows, read_text, tokenize
@@ -65,9 +66,9 @@ def _split_settings(settings: dict) -> tuple[dict, dict]:
     return ({k: v for k, v in settings.items() if k in qnames}, {k: v for k, v in settings.items() if k in cnames})
 
 
-def _solve(cfg: QuantConfig, W: torch.Tensor, H: torch.Tensor | None, name: str = "?"):
+def _solve(cfg: QuantConfig, W: torch.Tensor, H: torch.Tensor | None, name: str = "?", **extra):
     try:
-        return SOLVERS[cfg.method](W, H, cfg)
+        return SOLVERS[cfg.method](W, H, cfg, **extra)
     except NotPositiveDefinite as e:
         raise LowbitError(f"layer '{name}': {e}; try more calibration data or a larger --damp") from None
 
@@ -99,9 +100,16 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
         ids = tokenize(tokenizer, read_text(calib.source, split="calib"))
         windows = calibration_windows(ids, calib.nsamples, calib.seqlen, calib.seed)
         fingerprint = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+        grads = {}
+        if quant.method == Method.GWQ and quant.saliency == "grad":
+            gw = calibration_windows(ids, calib.grad_samples, calib.seqlen, calib.seed)
+            grads = weight_saliency(fp_model, spec, gw, device=device, dtype=calib_dtype(calib.dtype, device),
+                                    checkpointing=calib.grad_checkpointing, progress=progress)
+            fp_model.to("cpu")
 
-        def solve(W, H):
-            return _solve(quant, W, H)
+        def solve(W, H, name):
+            extra = {"saliency": grads.pop(name, None)} if quant.method == Method.GWQ else {}
+            return _solve(quant, W, H, name, **extra)
 
         results = quantize_blocks(fp_model, spec, windows, solve, device=device,
                                   dtype=calib_dtype(calib.dtype, device), batch_size=calib.windows_per_batch(),

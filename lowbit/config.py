@@ -17,6 +17,7 @@ class Method(str, Enum):
     RTN = "rtn"    # round-to-nearest on the group grid; data-free
     GPTQ = "gptq"  # column-feedback with the calibration Hessian (Frantar et al. 2022)
     FOEM = "foem"  # GPTQ + first-order error compensation (arXiv 2507.11017)
+    GWQ = "gwq"    # gradient-selected fp16 outliers + GPTQ/RTN for the rest (arXiv 2411.00850)
 
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -37,6 +38,10 @@ class QuantConfig:
     mse: bool = True              # shrink each group's range by MSE search (1.0 … 0.8)
     beta: float = 0.1             # FOEM: first-order coefficient β (0 = GPTQ); > 0.5 degrades
     pullback: str = "next"        # FOEM: pull back the next column only ("next") or all remaining ("all")
+    outlier_frac: float = 0.01    # GWQ: fraction of weights kept exactly in fp16
+    saliency: str = "grad"        # GWQ: outlier score: grad (Σ|∂L/∂W|), hessian (w²/[H⁻¹]_jj²) or magnitude (|w|)
+    outlier_select: str = "matrix"  # GWQ: top fraction per "matrix", per "row" or per "group"
+    gwq_solver: str = "gptq"      # GWQ: dense part by "gptq" (error feedback) or "rtn"
 
     def __post_init__(self):
         try:
@@ -54,6 +59,13 @@ class QuantConfig:
             raise LowbitError(f"--beta {self.beta} must be in [0, 1)")
         if self.pullback not in ("next", "all"):
             raise LowbitError(f"--pullback {self.pullback!r}: choose 'next' or 'all'")
+        if not 0 <= self.outlier_frac < 0.5:
+            raise LowbitError(f"--outlier-frac {self.outlier_frac} must be in [0, 0.5)")
+        for flag, value, choices in (("--saliency", self.saliency, ("grad", "hessian", "magnitude")),
+                                     ("--outlier-select", self.outlier_select, ("matrix", "row", "group")),
+                                     ("--gwq-solver", self.gwq_solver, ("gptq", "rtn"))):
+            if value not in choices:
+                raise LowbitError(f"{flag} {value!r}: choose {', '.join(choices)}")
         if self.block_size < 1:
             raise LowbitError(f"--block-size {self.block_size} must be positive")
 
@@ -78,6 +90,8 @@ class CalibConfig:
     batch_size: int = 0           # windows per forward pass in the runner; 0 = auto (65 536 tokens)
     dtype: str = "auto"           # activations' dtype in the runner: auto = bfloat16 on CPU/CUDA if supported
     true_sequential: bool = True  # re-run the block between linear groups (q/k/v, o, gate/up, down)
+    grad_samples: int = 16        # GWQ: calibration windows back-propagated for Σ|∂L/∂W|
+    grad_checkpointing: bool = False  # GWQ: recompute each block in the backward pass (less memory)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -85,6 +99,8 @@ class CalibConfig:
             raise LowbitError(f"--nsamples {self.nsamples} must be >= 1")
         if self.seqlen < 2:
             raise LowbitError(f"--seqlen {self.seqlen} must be >= 2")
+        if self.grad_samples < 1:
+            raise LowbitError(f"--grad-samples {self.grad_samples} must be >= 1")
         if self.batch_size < 0:
             raise LowbitError(f"--batch-size {self.batch_size} must be >= 0 (0 = auto)")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

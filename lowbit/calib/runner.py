@@ -14,7 +14,8 @@
 3. **Propagate.** The quantized block's outputs become the next block's inputs; the model's block
    gets :class:`QuantLinear` modules holding the packed weights.
 
-The runner never knows which method it runs: ``solve(W (m, n) float32, H (n, n)) -> (packed, info)``.
+The runner never knows which method it runs: ``solve(W (m, n) float32, H (n, n), name) -> (packed, info)``
+with ``name`` the layer's full dotted name.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from ..models.arch import ArchSpec, blocks_of, linears_of
 from ..packed.qlinear import QuantLinear
 from .hessian import InputStats, StopForward, capture_inputs
 
-Solve = Callable[[torch.Tensor, torch.Tensor], tuple[object, dict]]
+Solve = Callable[[torch.Tensor, torch.Tensor, str], tuple[object, dict]]
 
 
 class _Recorder(nn.Module):
@@ -172,9 +173,10 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
         def solve_group(g: tuple[str, ...], H: torch.Tensor) -> None:
             for name in g:
                 W = orig_lin[name].weight.detach().to(device=device, dtype=torch.float32)
-                packed, info = solve(W, H)
+                full = f"{spec.blocks}.{i}.{name}"
+                packed, info = solve(W, H, full)
                 work_lin[name].weight.data = packed.dequantize(dtype).to(device)
-                results[f"{spec.blocks}.{i}.{name}"] = (packed, info)
+                results[full] = (packed, info)
                 losses[name.rsplit(".", 1)[-1]] = info.get("loss", float("nan"))
 
         if true_sequential and len(inputs) == 1:

@@ -24,6 +24,21 @@ from .loss import codes_from_values, fix_dead_inputs, proxy_loss
 def solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[GroupQuantWeight, dict]:
     """Quantize ``W`` (m, n) against the proxy Hessian ``H`` (n, n); returns the packed weight and
     ``info = {"loss": ½·tr(ΔW H ΔWᵀ), "damp": λ used}``."""
+    dense, _, info = solve_dense(W, H, cfg)
+    return dense, info
+
+
+def solve_dense(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, keep: torch.Tensor | None = None,
+                feedback: bool = True) -> tuple[GroupQuantWeight, torch.Tensor, dict]:
+    """The GPTQ loop, optionally around weights kept exactly (GWQ's outliers).
+
+    ``keep`` (m, n) bool, original column order: those entries are excluded from their group's
+    grid fit (set to 0, which every grid represents exactly, so they move neither min/max nor the
+    MSE search) and are "quantized" to their current, already-compensated value rounded to fp16,
+    so they feed back only that rounding error.  Their dense codes are the zero point (decode to
+    exactly 0), so ``Ŵ = dense + sparse``.  ``feedback=False`` uses ``U = I`` (no compensation:
+    round-to-nearest on the same grids).  Returns ``(dense packed weight, Ŵ (m, n), info)``.
+    """
     W, H = fix_dead_inputs(W.float().clone(), H.float().clone())
     m, n = W.shape
     gs = cfg.group_size_for(n)
@@ -31,34 +46,45 @@ def solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[GroupQuan
     grid = UniformGrid(cfg.bits, cfg.sym, cfg.mse)
     scales = torch.zeros(m, n_groups, device=W.device)
     zeros = torch.zeros(m, n_groups, device=W.device)
+    if keep is not None:
+        keep = keep.to(W.device)
 
-    def fit(g: int, cols: torch.Tensor) -> None:
-        scales[:, g], zeros[:, g] = grid.fit(cols)
+    def fit(g: int, cols: torch.Tensor, kept: torch.Tensor | None) -> None:
+        scales[:, g], zeros[:, g] = grid.fit(cols if kept is None else cols.masked_fill(kept, 0.0))
 
     upfront = gs == n or (cfg.act_order and cfg.static_groups)
     if upfront:
         for g in range(n_groups):
-            fit(g, W[:, g * gs:(g + 1) * gs])
+            fit(g, W[:, g * gs:(g + 1) * gs], None if keep is None else keep[:, g * gs:(g + 1) * gs])
 
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if cfg.act_order else None
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if cfg.act_order and feedback else None
     W0, H0 = W, H
+    keep_p = keep
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
+        keep_p = None if keep is None else keep[:, perm]
     positions = torch.arange(n, device=W.device)
     orig_col = perm if perm is not None else positions
     group_of = (orig_col if upfront else positions) // gs  # group of each permuted position
     group_of_list = group_of.tolist()
 
-    U, lam = inverse_cholesky(H, cfg.damp)
+    if feedback:
+        U, lam = inverse_cholesky(H, cfg.damp)
+    else:
+        U, lam = torch.eye(n, device=W.device), 0.0
 
     maxq = grid.maxq
 
     def quantize(p: int, Wlive: torch.Tensor) -> torch.Tensor:
         g = group_of_list[p]
         if not upfront and p % gs == 0:
-            fit(g, Wlive[:, p:p + gs])
+            fit(g, Wlive[:, p:p + gs], None if keep_p is None else keep_p[:, p:p + gs])
         s, z = scales[:, g:g + 1], zeros[:, g:g + 1]
-        return torch.clamp(torch.round(Wlive[:, p:p + 1] / s) + z, 0, maxq).sub_(z).mul_(s)
+        q = torch.clamp(torch.round(Wlive[:, p:p + 1] / s) + z, 0, maxq).sub_(z).mul_(s)
+        if keep_p is not None:
+            kept = keep_p[:, p:p + 1]
+            q = torch.where(kept, Wlive[:, p:p + 1].half().float(), q)
+        return q
 
     block = gs * max(1, cfg.block_size // gs) if not upfront else cfg.block_size
     beta = cfg.beta if cfg.method == Method.FOEM else 0.0
@@ -72,5 +98,7 @@ def solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[GroupQuan
             g_idx = group_of[inv]
     col_groups = g_idx if g_idx is not None else positions // gs
     codes = codes_from_values(Q, scales, zeros, col_groups, grid.maxq)
+    if keep is not None:
+        codes = torch.where(keep, zeros[:, col_groups].to(codes.dtype), codes)
     qw = GroupQuantWeight.from_codes(codes, scales, None if cfg.sym else zeros, cfg.bits, gs, g_idx)
-    return qw, {"loss": proxy_loss(W0, Q, H0), "damp": lam}
+    return qw, Q, {"loss": proxy_loss(W0, Q, H0), "damp": lam}
