@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: ``quantize``, ``eval``, ``info``.
+"""The ``lowbit`` command line: ``quantize``, ``eval``, ``info`` (+ the subcommands of ``_EXTENSIONS``).
 
 The CLI only parses arguments, builds the config dataclasses and calls :mod:`lowbit.api`.
 A :class:`LowbitError` becomes ``lowbit: error: <one line>`` on stderr and exit status 2.
@@ -31,9 +31,11 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
     quant = QuantConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, act_order=a.act_order,
                         static_groups=not a.no_static_groups, damp=a.damp, block_size=a.block_size, mse=a.mse,
-                        beta=a.beta, pullback=a.pullback)
+                        beta=a.beta, pullback=a.pullback, outlier_frac=a.outlier_frac, saliency=a.saliency,
+                        outlier_select=a.outlier_select, gwq_solver=a.gwq_solver)
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                        batch_size=a.batch_size, dtype=a.calib_dtype, true_sequential=not a.no_true_sequential)
+                        batch_size=a.batch_size, dtype=a.calib_dtype, true_sequential=not a.no_true_sequential,
+                        grad_samples=a.grad_samples, grad_checkpointing=a.grad_checkpointing)
     res = api.quantize(a.model, out=a.out, quant=quant, calib=calib, device=a.device, progress=not a.quiet,
                        trust_remote_code=a.trust_remote_code)
     _write_json(a.json, res.report)
@@ -86,6 +88,10 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+# Modules that add subcommands: each has ``register(subparsers)`` and sets ``func`` on its parsers.
+_EXTENSIONS: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Quantize LLM weights, evaluate and inspect the result.")
     p.add_argument("--version", action="version", version=f"lowbit {__import__('lowbit').__version__}")
@@ -93,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it packed")
     q.add_argument("model", help="model folder, .gguf file, hub id, or 'smollm2-135m' (the demo model)")
-    q.add_argument("--method", default="gptq", help="rtn, gptq or foem (default gptq)")
+    q.add_argument("--method", default="gptq", help="rtn, gptq, foem or gwq (default gptq)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per row (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
@@ -103,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--damp", type=float, default=0.01)
     q.add_argument("--beta", type=float, default=0.1, help="FOEM: first-order coefficient (default 0.1)")
     q.add_argument("--pullback", default="next", help="FOEM: pull back the 'next' column or 'all' remaining")
+    q.add_argument("--outlier-frac", type=float, default=0.01, help="GWQ: fraction of weights kept in fp16 (default 0.01)")
+    q.add_argument("--saliency", default="grad", help="GWQ: outlier score grad | hessian | magnitude (default grad)")
+    q.add_argument("--outlier-select", default="matrix", help="GWQ: top fraction per matrix | row | group")
+    q.add_argument("--gwq-solver", default="gptq", help="GWQ: dense part by gptq (default) or rtn")
+    q.add_argument("--grad-samples", type=int, default=16, help="GWQ: calibration windows back-propagated (default 16)")
+    q.add_argument("--grad-checkpointing", action="store_true", help="GWQ: recompute blocks in the backward (less memory)")
     q.add_argument("--block-size", type=int, default=128)
     q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
                    help="MSE search of each group's range (default on)")
@@ -137,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--layers", action="store_true", help="list every quantized layer")
     i.add_argument("--json", action="store_true", help="print lowbit.json")
     i.set_defaults(func=cmd_info)
+
+    for module in _EXTENSIONS:  # further subcommands, each module owning its own parser and handler
+        __import__(module, fromlist=["register"]).register(sub)
     return p
 
 
