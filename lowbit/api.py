@@ -113,7 +113,9 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
 
         results = quantize_blocks(fp_model, spec, windows, solve, device=device,
                                   dtype=calib_dtype(calib.dtype, device), batch_size=calib.windows_per_batch(),
-                                  true_sequential=calib.true_sequential, progress=progress)
+                                  true_sequential=calib.true_sequential, progress=progress,
+                                  fp_targets=calib.fp_targets if calib.fp_targets is not None
+                                  else quant.method == Method.SQUEEZE)
     fp_model.to("cpu")
     layers = {name: {**packed.meta(), "bits_per_weight": packed.stored_bits() / (packed.shape[0] * packed.shape[1]),
                      **{k: v for k, v in info.items()}} for name, (packed, info) in results.items()}

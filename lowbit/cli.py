@@ -32,10 +32,11 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     quant = QuantConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, act_order=a.act_order,
                         static_groups=not a.no_static_groups, damp=a.damp, block_size=a.block_size, mse=a.mse,
                         beta=a.beta, pullback=a.pullback, outlier_frac=a.outlier_frac, saliency=a.saliency,
-                        outlier_select=a.outlier_select, gwq_solver=a.gwq_solver)
+                        outlier_select=a.outlier_select, gwq_solver=a.gwq_solver, binary_frac=a.binary_frac,
+                        high_bits=a.high_bits, squeeze_score=a.squeeze_score, squeeze_staged=not a.one_shot)
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                         batch_size=a.batch_size, dtype=a.calib_dtype, true_sequential=not a.no_true_sequential,
-                        grad_samples=a.grad_samples, grad_checkpointing=a.grad_checkpointing)
+                        grad_samples=a.grad_samples, grad_checkpointing=a.grad_checkpointing, fp_targets=a.fp_targets)
     res = api.quantize(a.model, out=a.out, quant=quant, calib=calib, device=a.device, progress=not a.quiet,
                        trust_remote_code=a.trust_remote_code)
     _write_json(a.json, res.report)
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it packed")
     q.add_argument("model", help="model folder, .gguf file, hub id, or 'smollm2-135m' (the demo model)")
-    q.add_argument("--method", default="gptq", help="rtn, gptq, foem or gwq (default gptq)")
+    q.add_argument("--method", default="gptq", help="rtn, gptq, foem, gwq or squeeze (default gptq)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per row (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
@@ -115,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gwq-solver", default="gptq", help="GWQ: dense part by gptq (default) or rtn")
     q.add_argument("--grad-samples", type=int, default=16, help="GWQ: calibration windows back-propagated (default 16)")
     q.add_argument("--grad-checkpointing", action="store_true", help="GWQ: recompute blocks in the backward (less memory)")
+    q.add_argument("--binary-frac", type=float, default=0.8, help="Squeeze10: fraction of cells binarized (default 0.8)")
+    q.add_argument("--high-bits", type=int, default=4, help="Squeeze10: bits of the other cells (default 4)")
+    q.add_argument("--squeeze-score", default="pbar", help="Squeeze10: pbar (default) or magnitude cell selection")
+    q.add_argument("--one-shot", action="store_true", help="Squeeze10: score cells against FP, no 4-bit stage")
+    q.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=None,
+                   help="FIAS: Hessians from the FP model's activations (default: on for squeeze only)")
     q.add_argument("--block-size", type=int, default=128)
     q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
                    help="MSE search of each group's range (default on)")

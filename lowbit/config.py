@@ -18,6 +18,7 @@ class Method(str, Enum):
     GPTQ = "gptq"  # column-feedback with the calibration Hessian (Frantar et al. 2022)
     FOEM = "foem"  # GPTQ + first-order error compensation (arXiv 2507.11017)
     GWQ = "gwq"    # gradient-selected fp16 outliers + GPTQ/RTN for the rest (arXiv 2411.00850)
+    SQUEEZE = "squeeze"  # staged 1-bit/4-bit mixed precision with PBAR and FIAS (arXiv 2507.18073)
 
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -42,6 +43,10 @@ class QuantConfig:
     saliency: str = "grad"        # GWQ: outlier score: grad (Σ|∂L/∂W|), hessian (w²/[H⁻¹]_jj²) or magnitude (|w|)
     outlier_select: str = "matrix"  # GWQ: top fraction per "matrix", per "row" or per "group"
     gwq_solver: str = "gptq"      # GWQ: dense part by "gptq" (error feedback) or "rtn"
+    binary_frac: float = 0.8      # Squeeze10: fraction of (row, group) cells binarized
+    high_bits: int = 4            # Squeeze10: width of the cells that are not binarized
+    squeeze_score: str = "pbar"   # Squeeze10: which cells to binarize: "pbar" (output error) or "magnitude"
+    squeeze_staged: bool = True   # Squeeze10: score against the 4-bit stage-1 solution (False: one-shot, vs FP)
 
     def __post_init__(self):
         try:
@@ -66,6 +71,12 @@ class QuantConfig:
                                      ("--gwq-solver", self.gwq_solver, ("gptq", "rtn"))):
             if value not in choices:
                 raise LowbitError(f"{flag} {value!r}: choose {', '.join(choices)}")
+        if not 0 <= self.binary_frac <= 1:
+            raise LowbitError(f"--binary-frac {self.binary_frac} must be in [0, 1]")
+        if not 2 <= self.high_bits <= 8:
+            raise LowbitError(f"--high-bits {self.high_bits} is not supported (2..8)")
+        if self.squeeze_score not in ("pbar", "magnitude"):
+            raise LowbitError(f"--squeeze-score {self.squeeze_score!r}: choose pbar or magnitude")
         if self.block_size < 1:
             raise LowbitError(f"--block-size {self.block_size} must be positive")
 
@@ -90,6 +101,7 @@ class CalibConfig:
     batch_size: int = 0           # windows per forward pass in the runner; 0 = auto (65 536 tokens)
     dtype: str = "auto"           # activations' dtype in the runner: auto = bfloat16 on CPU/CUDA if supported
     true_sequential: bool = True  # re-run the block between linear groups (q/k/v, o, gate/up, down)
+    fp_targets: bool | None = None  # FIAS: Hessians from the FP model's activations (None = on for squeeze only)
     grad_samples: int = 16        # GWQ: calibration windows back-propagated for Σ|∂L/∂W|
     grad_checkpointing: bool = False  # GWQ: recompute each block in the backward pass (less memory)
     extra: dict = field(default_factory=dict)

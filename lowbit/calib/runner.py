@@ -14,6 +14,10 @@
 3. **Propagate.** The quantized block's outputs become the next block's inputs; the model's block
    gets :class:`QuantLinear` modules holding the packed weights.
 
+With ``fp_targets`` (FIAS, Squeeze10) the working copy keeps its float weights: every Hessian is
+collected from the full-precision model's activations in one pass per block, and the float block's
+outputs feed the next block, so quantization errors never reach later layers' statistics.
+
 The runner never knows which method it runs: ``solve(W (m, n) float32, H (n, n), name) -> (packed, info)``
 with ``name`` the layer's full dotted name.
 """
@@ -155,7 +159,7 @@ def _solve_in_one_pass(work: nn.Module, lin: dict, groups, h: torch.Tensor, call
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, solve: Solve, *, device="cpu",
                     dtype=torch.float32, batch_size: int = 8, true_sequential: bool = True,
-                    progress: bool = True) -> dict[str, tuple[object, dict]]:
+                    fp_targets: bool = False, progress: bool = True) -> dict[str, tuple[object, dict]]:
     """Quantize every linear of every block of ``model`` in place (they become :class:`QuantLinear`);
     ``windows`` (N, T) are the calibration token ids.  Returns ``{layer name: (packed, info)}``."""
     blocks = blocks_of(model, spec)
@@ -175,11 +179,23 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                 W = orig_lin[name].weight.detach().to(device=device, dtype=torch.float32)
                 full = f"{spec.blocks}.{i}.{name}"
                 packed, info = solve(W, H, full)
-                work_lin[name].weight.data = packed.dequantize(dtype).to(device)
+                if not fp_targets:
+                    work_lin[name].weight.data = packed.dequantize(dtype).to(device)
                 results[full] = (packed, info)
                 losses[name.rsplit(".", 1)[-1]] = info.get("loss", float("nan"))
 
-        if true_sequential and len(inputs) == 1:
+        if fp_targets:
+            stats = {g: InputStats(work_lin[g[0]].in_features, torch.device(device)) for g in groups}
+            outputs = []
+            with ExitStack() as hooks:
+                for g, st in stats.items():
+                    hooks.enter_context(capture_inputs(work_lin[g[0]], st))
+                for h, call in zip(inputs, block_calls[i]):
+                    outputs.append(_run(work, h, call))
+            for g, st in stats.items():
+                solve_group(g, st.hessian())
+            inputs = outputs
+        elif true_sequential and len(inputs) == 1:
             inputs = [_solve_in_one_pass(work, work_lin, groups, inputs[0], block_calls[i][0], solve_group)]
         else:
             stages = [[g] for g in groups] if true_sequential else [list(groups)]

@@ -238,9 +238,18 @@ def _col_dtype(n: int) -> torch.dtype:
 FORMATS = {GroupQuantWeight.kind: GroupQuantWeight, OutlierQuantWeight.kind: OutlierQuantWeight}
 
 
+def _register_more() -> None:
+    from .mixed import MixedBinaryWeight  # its module builds on this one, so it is imported last
+
+    FORMATS[MixedBinaryWeight.kind] = MixedBinaryWeight
+
+
 def from_tensors(tensors: dict[str, torch.Tensor], meta: dict):
     """Rebuild a packed weight of any registered format from its tensors and metadata."""
     kind = meta.get("kind") if isinstance(meta, dict) else None
     if kind not in FORMATS:
         raise FormatError(f"unknown packed format {kind!r}")
     return FORMATS[kind].from_tensors(tensors, meta)
+
+
+_register_more()

@@ -1,6 +1,6 @@
 """Solvers: pure functions ``solve(W, H, cfg) -> (packed weight, info)``, one file per method."""
 from ..config import Method
-from . import gptq, gwq, rtn
+from . import gptq, gwq, rtn, squeeze
 
 SOLVERS = {Method.RTN: rtn.solve, Method.GPTQ: gptq.solve, Method.FOEM: gptq.solve,
-           Method.GWQ: gwq.solve}  # FOEM = GPTQ with β > 0
+           Method.GWQ: gwq.solve, Method.SQUEEZE: squeeze.solve}  # FOEM = GPTQ with β > 0

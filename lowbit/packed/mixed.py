@@ -1,0 +1,116 @@
+"""Squeeze10's mixed 1-bit / high-bit weight: each (row, group) cell is either binary or integer.
+
+For ``W`` (m, n), group size ``gs``, ``G = ceil(n/gs)`` groups and high width ``b`` (4), a cell
+``(i, g)`` is
+
+* binary  (``mask[i, g] = 0``):  ``ŵ = μ + α·(2·t − 1)``,  ``t ∈ {0, 1}``  (``p1 = α``, ``p2 = μ``);
+* high    (``mask[i, g] = 1``):  ``ŵ = s·(q − z)``,  ``q = 2^(b−1)·t + r ∈ [0, 2^b)``  (``p1 = s``, ``p2 = z``).
+
+The top bit ``t`` of every weight lives in one 1-bit plane; only high cells store the remaining
+``b − 1`` bits ``r``, so the codes cost exactly ``1 + (b − 1)·(high fraction)`` bits per weight:
+
+* ``qsign``  int32 ``(m, ceil(n/32))``          — the bit plane ``t`` (original column order);
+* ``qrest``  int32 ``(ceil(Kw/32)·(b − 1),)``  — ``r`` of the ``Kw`` weights in high cells, one flat
+  stream in row-major ``(i, j)`` order (the mask says where each goes, so no padding);
+* ``mask``   int32 ``(ceil(m·G/32),)``          — one bit per cell, row-major, 1 = high;
+* ``p1, p2`` fp16 ``(m, G)``                    — ``α, μ`` or ``s, z`` per cell.
+
+At 80 % binary cells, ``b = 4`` and ``gs = 128`` that is ``1 + 0.6 + 32/128 + 1/128 ≈ 1.86`` bits/weight.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import bitpack
+from .qweight import FormatError, _expect
+
+
+@dataclass(frozen=True)
+class MixedBinaryWeight:
+    kind = "bin+int"
+    shape: tuple[int, int]
+    high_bits: int
+    group_size: int
+    qsign: torch.Tensor
+    qrest: torch.Tensor
+    mask: torch.Tensor
+    p1: torch.Tensor
+    p2: torch.Tensor
+
+    @property
+    def n_groups(self) -> int:
+        return -(-self.shape[1] // self.group_size)
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, high: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, high_bits: int,
+                   group_size: int) -> "MixedBinaryWeight":
+        """``codes`` (m, n) int: ``t ∈ {0,1}`` in binary cells, ``q ∈ [0, 2^b)`` in high cells;
+        ``high`` (m, G) bool; ``p1``/``p2`` (m, G) float (rounded to fp16 here)."""
+        m, n = codes.shape
+        codes, high = codes.cpu().long(), high.cpu().bool()
+        half = 2 ** (high_bits - 1)
+        col_group = torch.arange(n) // group_size
+        high_w = high[:, col_group]                                       # (m, n) weights in high cells
+        top = torch.where(high_w, codes // half, codes)
+        rest = (codes % half)[high_w]                                     # (Kw,) row-major
+        return cls((m, n), high_bits, group_size,
+                   qsign=bitpack.pack(top, 1), qrest=bitpack.pack(rest, high_bits - 1),
+                   mask=bitpack.pack(high.long().flatten(), 1),
+                   p1=p1.to(torch.float16).cpu().contiguous(), p2=p2.to(torch.float16).cpu().contiguous())
+
+    def high_cells(self) -> torch.Tensor:
+        """(m, G) bool: which cells are high-bit."""
+        m, G = self.shape[0], self.n_groups
+        return bitpack.unpack(self.mask, 1, m * G).view(m, G).bool()
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        m, n = self.shape
+        gs = self.group_size
+        high = self.high_cells()
+        t = bitpack.unpack(self.qsign, 1, n).float()                      # (m, n)
+        col_group = torch.arange(n, device=t.device) // gs
+        high_w = high[:, col_group]
+        q = torch.zeros(m, n, dtype=torch.float32, device=t.device)
+        kw = int(high_w.sum())
+        if kw:
+            q[high_w] = bitpack.unpack(self.qrest, self.high_bits - 1, kw).float()
+        p1, p2 = self.p1.float()[:, col_group], self.p2.float()[:, col_group]
+        q = q + t * 2 ** (self.high_bits - 1)
+        w = torch.where(high_w, p1 * (q - p2), p2 + p1 * (2 * t - 1))
+        return w.to(dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"qsign": self.qsign, "qrest": self.qrest, "mask": self.mask, "p1": self.p1, "p2": self.p2}
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "shape": list(self.shape), "high_bits": self.high_bits,
+                "group_size": self.group_size, "high_cells": int(self.high_cells().sum())}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "MixedBinaryWeight":
+        try:
+            m, n = (int(v) for v in meta["shape"])
+            b, gs, k = int(meta["high_bits"]), int(meta["group_size"]), int(meta["high_cells"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise FormatError(f"bad layer metadata {meta!r}: {e}") from None
+        if not (2 <= b <= 8 and gs >= 1 and m >= 1 and n >= 1):
+            raise FormatError(f"bad layer metadata {meta!r}")
+        G = -(-n // gs)
+        if not 0 <= k <= m * G:
+            raise FormatError(f"bad high-cell count {k} for {m}x{G} cells")
+        mask = _expect(tensors, "mask", torch.int32, (bitpack.packed_width(m * G, 1),))
+        high = bitpack.unpack(mask, 1, m * G).view(m, G).bool()
+        if int(high.sum()) != k:
+            raise FormatError(f"tensor 'mask' marks a different number of high cells than {k}")
+        kw = int(high[:, torch.arange(n) // gs].sum())
+        return cls((m, n), b, gs,
+                   qsign=_expect(tensors, "qsign", torch.int32, (m, bitpack.packed_width(n, 1))),
+                   qrest=_expect(tensors, "qrest", torch.int32, (bitpack.packed_width(kw, b - 1),)),
+                   mask=mask,
+                   p1=_expect(tensors, "p1", torch.float16, (m, G)),
+                   p2=_expect(tensors, "p2", torch.float16, (m, G)))
+
+    def stored_bits(self) -> int:
+        return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())

@@ -1,0 +1,106 @@
+"""Squeeze10-LLM (arXiv 2507.18073): staged mixed precision, 80 % of the cells 1-bit, 20 % 4-bit.
+
+``solve(W (m, n), H (n, n), cfg) -> (MixedBinaryWeight, info)``; pure.  A cell is one row of one
+group of ``gs`` input columns (``G = ceil(n/gs)`` cells per row).
+
+1. **Stage 1** (``cfg.squeeze_staged``): GPTQ at ``cfg.high_bits`` gives ``Q₄``; the reference is
+   ``R = Q₄``.  One-shot ablation: ``R = W``.
+2. **PBAR** (post-binarization activation robustness): the output error of binarizing a cell of
+   ``R``, ``score[i, g] = Σ_{j∈g} (B(R)_ij − R_ij)² H_jj`` (the diagonal part of
+   ``‖(B(R) − R)_g X_gᵀ‖²``), with ``B(r) = μ + α·sign(r − μ)``, ``μ`` the cell mean and
+   ``α = mean|r − μ|``.  Ablation ``magnitude``: ``score = Σ_{j∈g} R_ij²``.
+   The ``round(binary_frac·m·G)`` cells with the lowest score are binarized.
+3. **Stage 2**: the column-feedback engine from the original ``W``; at a group's first column
+   each row fits both grids (binary ``α, μ``; ``b``-bit ``s, z``) to the current, compensated columns
+   and quantizes the cell with the one its mask says.  Columns in natural order (no act-order).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import QuantConfig
+from ..packed.mixed import MixedBinaryWeight
+from .feedback import column_feedback, inverse_cholesky
+from .gptq import solve_dense
+from .grid import FP16_MIN_NORMAL, UniformGrid
+from .loss import fix_dead_inputs, proxy_loss
+
+
+def binary_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``α`` (m,) and ``μ`` (m,) of ``w`` (m, k), fp16-exact: ``μ = mean w``, ``α = mean|w − μ|``."""
+    mu = w.mean(dim=1).half().float()
+    alpha = (w - mu[:, None]).abs().mean(dim=1).half().float()
+    return alpha, mu
+
+
+def binarize(w: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """``μ + α·sign(w − μ)`` (sign 0 → +1) with per-row ``α, μ`` (m,) broadcast over ``w`` (m, k)."""
+    return torch.where(w >= mu[:, None], mu[:, None] + alpha[:, None], mu[:, None] - alpha[:, None])
+
+
+def cell_scores(R: torch.Tensor, H: torch.Tensor, gs: int, how: str = "pbar") -> torch.Tensor:
+    """(m, G) robustness scores of the cells of ``R`` (m, n); lower = safer to binarize."""
+    m, n = R.shape
+    hdiag = torch.diag(H).float()
+    out = []
+    for g0 in range(0, n, gs):
+        r = R[:, g0:g0 + gs]
+        if how == "magnitude":
+            out.append(r.pow(2).sum(dim=1))
+        else:
+            a, mu = binary_fit(r)
+            out.append(((binarize(r, a, mu) - r).pow(2) * hdiag[None, g0:g0 + gs]).sum(dim=1))
+    return torch.stack(out, dim=1)
+
+
+def choose_high(scores: torch.Tensor, binary_frac: float) -> torch.Tensor:
+    """(m, G) bool: True for the cells that stay high-bit (all but the ``binary_frac`` lowest scores)."""
+    k_bin = round(binary_frac * scores.numel())
+    high = torch.ones_like(scores, dtype=torch.bool)
+    if k_bin:
+        high.view(-1)[scores.flatten().topk(k_bin, largest=False).indices] = False
+    return high
+
+
+def solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[MixedBinaryWeight, dict]:
+    """Squeeze10 for one layer.  ``info = {"loss", "damp", "binary_frac": measured fraction of binary weights}``."""
+    W, H = fix_dead_inputs(W.float().clone(), H.float().clone())
+    m, n = W.shape
+    gs = cfg.group_size_for(n)
+    G = -(-n // gs)
+    if cfg.squeeze_staged:
+        stage1 = QuantConfig(method="gptq", bits=cfg.high_bits, group_size=gs, sym=cfg.sym, act_order=cfg.act_order,
+                             damp=cfg.damp, block_size=cfg.block_size, mse=cfg.mse)
+        R = solve_dense(W, H, stage1)[1]
+    else:
+        R = W
+    high = choose_high(cell_scores(R, H, gs, cfg.squeeze_score), cfg.binary_frac).to(W.device)
+
+    grid = UniformGrid(cfg.high_bits, cfg.sym, cfg.mse)
+    p1 = torch.zeros(m, G, device=W.device)
+    p2 = torch.zeros(m, G, device=W.device)
+    U, lam = inverse_cholesky(H, cfg.damp)
+
+    def quantize(p: int, Wlive: torch.Tensor) -> torch.Tensor:
+        g = p // gs
+        if p % gs == 0:
+            cols = Wlive[:, p:p + gs]
+            a, mu = binary_fit(cols)
+            s, z = grid.fit(cols)
+            p1[:, g] = torch.where(high[:, g], s, a)
+            p2[:, g] = torch.where(high[:, g], z, mu)
+        w = Wlive[:, p:p + 1]
+        s1, s2 = p1[:, g:g + 1], p2[:, g:g + 1]
+        qb = torch.where(w >= s2, s2 + s1, s2 - s1)
+        qh = (torch.clamp(torch.round(w / s1.clamp(min=FP16_MIN_NORMAL)) + s2, 0, grid.maxq) - s2) * s1
+        return torch.where(high[:, g:g + 1], qh, qb)
+
+    Q, _ = column_feedback(W, U, quantize, block_size=gs * max(1, cfg.block_size // gs))
+    col_group = torch.arange(n, device=W.device) // gs
+    hw = high[:, col_group]
+    P1, P2 = p1[:, col_group], p2[:, col_group]
+    codes = torch.where(hw, torch.clamp(torch.round(Q / P1.clamp(min=FP16_MIN_NORMAL) + P2), 0, grid.maxq),
+                        (Q > P2).float()).long()
+    packed = MixedBinaryWeight.from_codes(codes, high, p1, p2, cfg.high_bits, gs)
+    frac = float((~hw).float().mean())
+    return packed, {"loss": proxy_loss(W, Q, H), "damp": lam, "binary_frac": frac}

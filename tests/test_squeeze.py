@@ -1,0 +1,120 @@
+"""Squeeze10: binary cells decode to two values per row-group, mask and bit accounting, PBAR ranks a
+robust cell above a fragile one, FIAS Hessians come from the FP model, save/load is exact."""
+import copy
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.calib.runner import quantize_blocks
+from lowbit.config import QuantConfig
+from lowbit.models.arch import resolve_spec
+from lowbit.packed import bitpack
+from lowbit.packed.mixed import MixedBinaryWeight
+from lowbit.packed.qlinear import QuantLinear
+from lowbit.packed.qweight import from_tensors
+from lowbit.solvers import SOLVERS
+from lowbit.solvers.squeeze import cell_scores, choose_high
+
+from test_solvers import captured  # noqa: F401  (fixture: W, H from a real tiny model)
+
+
+def squeeze(W, H, **kw):
+    cfg = QuantConfig(method="squeeze", **kw)
+    return SOLVERS[cfg.method](W, H, cfg)
+
+
+def test_binary_cells_have_two_values_and_high_cells_a_grid(captured):  # noqa: F811
+    W, H = captured
+    qw, info = squeeze(W, H, group_size=32, binary_frac=0.75)
+    Wq = qw.dequantize()
+    high = qw.high_cells()
+    m, G = high.shape
+    assert int((~high).sum()) == round(0.75 * m * G)
+    for i in range(m):
+        for g in range(G):
+            vals = Wq[i, g * 32:(g + 1) * 32].unique()
+            assert len(vals) <= (2 if not high[i, g] else 16)
+    assert info["binary_frac"] == pytest.approx(0.75, abs=1e-6)  # every cell is full here (96 = 3·32)
+
+
+def test_bits_accounting_and_round_trip(captured):  # noqa: F811
+    W, H = captured
+    qw, _ = squeeze(W, H, group_size=32, binary_frac=0.8)
+    m, n = qw.shape
+    G = qw.n_groups
+    kw = int(qw.high_cells()[:, torch.arange(n) // 32].sum())
+    expect = (m * bitpack.packed_width(n, 1) + bitpack.packed_width(kw, 3) + bitpack.packed_width(m * G, 1)) * 32 \
+        + 2 * m * G * 16
+    assert qw.stored_bits() == expect
+    assert abs(kw - 0.2 * m * n) <= 32  # ≈ 20 % of the weights keep 3 more bits
+    back = from_tensors(qw.tensors(), qw.meta())
+    assert isinstance(back, MixedBinaryWeight) and torch.equal(back.dequantize(), qw.dequantize())
+    bad = dict(qw.tensors())
+    bad["mask"] = torch.zeros_like(bad["mask"])
+    with pytest.raises(ValueError, match="mask"):
+        from_tensors(bad, qw.meta())
+
+
+def test_pbar_ranks_robust_cell_above_fragile_one():
+    g = torch.Generator().manual_seed(0)
+    robust = torch.where(torch.rand(1, 16, generator=g) > 0.5, 1.0, -1.0) * 0.1  # already two values
+    fragile = torch.randn(1, 16, generator=g) * 0.1
+    quiet = torch.randn(1, 16, generator=g) * 0.1                                # spread, but inputs are tiny
+    R = torch.cat([fragile, robust, quiet], dim=1)
+    H = torch.diag(torch.cat([torch.ones(32), torch.full((16,), 1e-4)]))
+    s = cell_scores(R, H, 16)
+    assert s[0, 1] < s[0, 0] and s[0, 2] < s[0, 0]  # binarizing the fragile cell costs most
+    assert choose_high(s, 2 / 3).tolist() == [[True, False, False]]
+    mag = cell_scores(R, H, 16, "magnitude")  # magnitude cannot see the input statistics
+    assert mag[0, 2] > 0.1 * mag[0, 0]
+
+
+def test_more_binary_cells_cost_more(captured):  # noqa: F811
+    W, H = captured
+    losses = [squeeze(W, H, group_size=32, binary_frac=f)[1]["loss"] for f in (0.0, 0.5, 1.0)]
+    assert losses[0] < losses[1] < losses[2]
+    one_shot = squeeze(W, H, group_size=32, squeeze_staged=False)[1]["loss"]
+    assert one_shot > 0
+
+
+def test_fp_targets_hessians_come_from_the_fp_model(tiny_models, tiny_text):
+    from lowbit.models.sources import load_model
+
+    model, tok, _ = load_model(str(tiny_models["llama"]))
+    fp = copy.deepcopy(model)
+    ids = torch.tensor(tok(tiny_text.read_text(), add_special_tokens=False)["input_ids"][:256]).view(4, 64)
+    xs = []
+    h = fp.model.layers[1].self_attn.q_proj.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        fp(input_ids=ids)
+    h.remove()
+    X = torch.cat(xs).double()
+    H_fp = (2 / X.shape[0] * X.T @ X).float()
+    seen = {}
+
+    def solve(W, H, name):
+        seen[name] = H
+        return SOLVERS[QuantConfig(method="gptq").method](W, H, QuantConfig(method="gptq", bits=2, group_size=32))
+
+    for fp_targets in (True, False):
+        quantize_blocks(copy.deepcopy(model), resolve_spec(model), ids, solve, fp_targets=fp_targets, progress=False)
+        got = seen["model.layers.1.self_attn.q_proj"]
+        close = torch.allclose(got, H_fp, rtol=1e-4, atol=1e-6)
+        assert close == fp_targets  # the quantized stream's Hessian differs at 2 bits
+
+
+def test_squeeze_pipeline_save_load(tiny_models, tiny_text, tmp_path):
+    res = lowbit.quantize(str(tiny_models["llama"]), method="squeeze", group_size=32, source=str(tiny_text),
+                          nsamples=8, seqlen=64, out=tmp_path / "q", progress=False)
+    assert res.meta["calibration"]["fp_targets"] is None and res.meta["config"]["binary_frac"] == 0.8
+    assert all(l["kind"] == "bin+int" for l in res.meta["layers"].values())
+    assert res.report["bits_per_weight"] < 3  # tiny rows: the per-cell fp16 pairs weigh more than at n = 576
+    model, tok, _ = lowbit.load(tmp_path / "q", device="cpu")
+    saved = {n: m for n, m in res.model.named_modules() if isinstance(m, QuantLinear)}
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            assert torch.equal(mod.packed.dequantize(), saved[name].packed.dequantize())
+    ids = torch.tensor(tok(tiny_text.read_text()[:2000], add_special_tokens=False)["input_ids"][:64])[None]
+    with torch.no_grad():
+        assert torch.allclose(res.model(input_ids=ids).logits, model(input_ids=ids).logits, atol=2e-2, rtol=1e-2)
