@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .calib import distributed
 from .calib.gradients import weight_saliency
 from .calib.runner import quantize_blocks
 from .config import CalibConfig, Method, QuantConfig
@@ -26,6 +27,7 @@ from .models.arch import blocks_of, linears_of, resolve_spec
 from .models.sources import load_model
 from .packed import checkpoint
 from .packed.qlinear import QuantLinear
+from .qat.config import QATConfig
 from .solvers import SOLVERS
 from .solvers.feedback import NotPositiveDefinite
 
@@ -75,7 +77,7 @@ def _solve(cfg: QuantConfig, W: torch.Tensor, H: torch.Tensor | None, name: str 
 
 def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | None = None,
              calib: CalibConfig | None = None, device: str | None = None, progress: bool = True,
-             trust_remote_code: bool = False, **settings) -> QuantizeResult:
+             trust_remote_code: bool = False, qat: QATConfig | None = None, **settings) -> QuantizeResult:
     """Quantize the model at ``model`` (folder, .gguf, hub id or ``smollm2-135m``) and, with ``out``,
     save it.  Settings are :class:`QuantConfig` and :class:`CalibConfig` fields (``bits=3``,
     ``group_size=64``, ``nsamples=64``…) or whole config objects."""
@@ -83,11 +85,22 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
     qkw, ckw = _split_settings(settings)
     quant = quant or QuantConfig(**qkw)
     calib = calib or CalibConfig(**ckw)
-    device = device or default_device()
+    device = distributed.init_from_env(device or default_device())
+    rank, world_size = distributed.world()
+    progress = progress and rank == 0
     fp_model, tokenizer, source = load_model(model, trust_remote_code=trust_remote_code)
     spec = resolve_spec(fp_model)
     fingerprint = None
-    if quant.method == Method.RTN:  # data-free
+    qat_stats: dict = {}
+    if quant.method == Method.DLQAT:  # quantization-aware training (lowbit.qat); installs QuantLinear modules
+        from .qat import quantize_dlqat
+
+        qat = qat or QATConfig(seed=calib.seed)
+        results = quantize_dlqat(fp_model, tokenizer, spec, quant, calib, qat, device, progress,
+                                 work_dir=None if out is None else f"{out}.work")
+        qat_stats = results.stats
+        fingerprint = qat_stats.pop("fingerprint")  # of the training text's tokens
+    elif quant.method == Method.RTN:  # data-free
         results = {}
         for i, block in enumerate(blocks_of(fp_model, spec)):
             for name, lin in linears_of(block).items():
@@ -100,18 +113,22 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
         ids = tokenize(tokenizer, read_text(calib.source, split="calib"))
         windows = calibration_windows(ids, calib.nsamples, calib.seqlen, calib.seed)
         fingerprint = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+        if min(calib.nsamples, calib.grad_samples if quant.method == Method.GWQ else calib.nsamples) < world_size:
+            raise LowbitError(f"--nsamples/--grad-samples must be at least the number of processes ({world_size})")
         grads = {}
         if quant.method == Method.GWQ and quant.saliency == "grad":
-            gw = calibration_windows(ids, calib.grad_samples, calib.seqlen, calib.seed)
+            gw = distributed.shard(calibration_windows(ids, calib.grad_samples, calib.seqlen, calib.seed))
             grads = weight_saliency(fp_model, spec, gw, device=device, dtype=calib_dtype(calib.dtype, device),
                                     checkpointing=calib.grad_checkpointing, progress=progress)
+            for g in grads.values():
+                distributed.all_reduce_sum(g)
             fp_model.to("cpu")
 
         def solve(W, H, name):
             extra = {"saliency": grads.pop(name, None)} if quant.method == Method.GWQ else {}
             return _solve(quant, W, H, name, **extra)
 
-        results = quantize_blocks(fp_model, spec, windows, solve, device=device,
+        results = quantize_blocks(fp_model, spec, distributed.shard(windows), solve, device=device,
                                   dtype=calib_dtype(calib.dtype, device), batch_size=calib.windows_per_batch(),
                                   true_sequential=calib.true_sequential, progress=progress,
                                   fp_targets=calib.fp_targets if calib.fp_targets is not None
@@ -124,6 +141,7 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
         "method": quant.method.value,
         "config": quant.to_json(),
         "calibration": None if quant.method == Method.RTN else {**calib.to_json(), "fingerprint": fingerprint},
+        **({"qat": qat.to_json()} if quant.method == Method.DLQAT else {}),
         "source": source,
         "lowbit_version": __version__,
         "bits_per_weight": bpw,
@@ -132,11 +150,14 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
     report = {"seconds": time.perf_counter() - t0, "bits_per_weight": bpw, "peak_rss_bytes": peak_rss_bytes(),
               "model_bytes": model_bytes(fp_model), "method": quant.method.value,
               "layers": {n: {"loss": l.get("loss"), "bits_per_weight": l["bits_per_weight"]} for n, l in layers.items()}}
+    report.update(qat_stats)  # DL-QAT: trainable_fraction, train_loss_first/last, train_seconds
     saved = None
-    if out is not None:
+    if out is not None and rank == 0:
         dtype = torch.bfloat16 if getattr(fp_model.config, "dtype", None) in (torch.bfloat16, "bfloat16") else torch.float16
         saved = checkpoint.save(out, fp_model, tokenizer, meta, dtype=dtype)
         report["seconds"] = time.perf_counter() - t0
+    report["processes"] = world_size
+    distributed.barrier()  # no rank returns before rank 0 has written the output
     return QuantizeResult(fp_model, tokenizer, meta, report, saved)
 
 

@@ -25,6 +25,21 @@ def _write_json(path: str | None, data: dict) -> None:
             raise LowbitError(f"--json '{path}': cannot write ({e.strerror})") from None
 
 
+_QAT_FLAGS = ("train_text", "steps", "lora_rank", "lr", "distill", "grad_accum", "warmup", "save_every", "init", "resume")
+
+
+def _qat_config(a: argparse.Namespace, method: str):
+    """The DL-QAT flags as a ``QATConfig`` (``None`` for other methods, which must not be given them)."""
+    given = {k: getattr(a, k) for k in _QAT_FLAGS if getattr(a, k) is not None}
+    if method != "dlqat":
+        if given:
+            raise LowbitError(f"--{next(iter(given)).replace('_', '-')} applies only to --method dlqat")
+        return None
+    from .qat.config import QATConfig
+
+    return QATConfig(**given, seed=a.seed, **({"batch_size": a.batch_size} if a.batch_size else {}))
+
+
 def cmd_quantize(a: argparse.Namespace) -> int:
     from . import api
     from .config import CalibConfig, QuantConfig
@@ -37,8 +52,13 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                         batch_size=a.batch_size, dtype=a.calib_dtype, true_sequential=not a.no_true_sequential,
                         grad_samples=a.grad_samples, grad_checkpointing=a.grad_checkpointing, fp_targets=a.fp_targets)
+    qat = _qat_config(a, quant.method.value)
     res = api.quantize(a.model, out=a.out, quant=quant, calib=calib, device=a.device, progress=not a.quiet,
-                       trust_remote_code=a.trust_remote_code)
+                       trust_remote_code=a.trust_remote_code, qat=qat)
+    from .calib.distributed import world
+
+    if world()[0] != 0:  # under torchrun only rank 0 reports
+        return 0
     _write_json(a.json, res.report)
     if not a.quiet:
         r = res.report
@@ -90,7 +110,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 # Modules that add subcommands: each has ``register(subparsers)`` and sets ``func`` on its parsers.
-_EXTENSIONS: tuple[str, ...] = ()
+_EXTENSIONS: tuple[str, ...] = ("lowbit.export.cli",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it packed")
     q.add_argument("model", help="model folder, .gguf file, hub id, or 'smollm2-135m' (the demo model)")
-    q.add_argument("--method", default="gptq", help="rtn, gptq, foem, gwq or squeeze (default gptq)")
+    q.add_argument("--method", default="gptq", help="rtn, gptq, foem, gwq, squeeze or dlqat (default gptq)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per row (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
@@ -122,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--one-shot", action="store_true", help="Squeeze10: score cells against FP, no 4-bit stage")
     q.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=None,
                    help="FIAS: Hessians from the FP model's activations (default: on for squeeze only)")
+    q.add_argument("--train-text", default=None, help="DL-QAT: training text (default: the calibration plays)")
+    q.add_argument("--steps", type=int, default=None, help="DL-QAT: optimizer steps (default 200)")
+    q.add_argument("--lora-rank", type=int, default=None, help="DL-QAT: LoRA rank r (default 8)")
+    q.add_argument("--lr", type=float, default=None, help="DL-QAT: AdamW peak learning rate (default 2e-4)")
+    q.add_argument("--distill", action="store_true", default=None, help="DL-QAT: KL to the FP model's logits, not CE")
+    q.add_argument("--grad-accum", type=int, default=None,
+                   help="DL-QAT: micro-batches of --batch-size windows (default 4) per step (default 1)")
+    q.add_argument("--warmup", type=int, default=None, help="DL-QAT: linear warm-up steps (default 5%% of --steps)")
+    q.add_argument("--save-every", type=int, default=None, help="DL-QAT: checkpoint every K steps into OUT.work/")
+    q.add_argument("--resume", action="store_true", default=None, help="DL-QAT: continue from OUT.work/'s latest")
+    q.add_argument("--init", default=None, help="DL-QAT: initial grid and W0 from rtn (default) or gptq")
     q.add_argument("--block-size", type=int, default=128)
     q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
                    help="MSE search of each group's range (default on)")

@@ -41,6 +41,12 @@ class InputStats:
         self.count += accumulate_hessian(self.S, x)
 
     def hessian(self) -> torch.Tensor:
+        """``2/N·S`` over every rank's tokens when distributed (sums reduced in float64)."""
+        from .distributed import all_reduce_sum, world
+
+        if world()[1] > 1:
+            all_reduce_sum(self.S)
+            self.count = int(all_reduce_sum(torch.tensor([self.count], dtype=torch.float64)).item())
         return (2.0 / max(self.count, 1) * self.S).float()
 
 

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..models.arch import ArchSpec, blocks_of, linears_of
 from ..packed.qlinear import QuantLinear
+from .distributed import broadcast_from_owner
 from .hessian import InputStats, StopForward, capture_inputs
 
 Solve = Callable[[torch.Tensor, torch.Tensor, str], tuple[object, dict]]
@@ -180,7 +181,8 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                 full = f"{spec.blocks}.{i}.{name}"
                 packed, info = solve(W, H, full)
                 if not fp_targets:
-                    work_lin[name].weight.data = packed.dequantize(dtype).to(device)
+                    w = broadcast_from_owner(packed.dequantize(torch.float32).to(device))  # same block on all ranks
+                    work_lin[name].weight.data = w.to(dtype)
                 results[full] = (packed, info)
                 losses[name.rsplit(".", 1)[-1]] = info.get("loss", float("nan"))
 
