@@ -75,6 +75,17 @@ def _solve(cfg: QuantConfig, W: torch.Tensor, H: torch.Tensor | None, name: str 
         raise LowbitError(f"layer '{name}': {e}; try more calibration data or a larger --damp") from None
 
 
+def _quip_finetuner(quant: QuantConfig, world_size: int, progress: bool):
+    """QuIP#'s per-block fine-tuning callback for the runner (``None`` unless ``--method quip --finetune``)."""
+    if quant.method != Method.QUIP or not quant.finetune:
+        return None
+    if world_size > 1:
+        raise LowbitError("--finetune runs in a single process (each rank would train on its own shard)")
+    from .quip.finetune import BlockFinetuner
+
+    return BlockFinetuner(quant.ft_steps, quant.ft_lr, progress)
+
+
 def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | None = None,
              calib: CalibConfig | None = None, device: str | None = None, progress: bool = True,
              trust_remote_code: bool = False, qat: QATConfig | None = None, **settings) -> QuantizeResult:
@@ -132,7 +143,8 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
                                   dtype=calib_dtype(calib.dtype, device), batch_size=calib.windows_per_batch(),
                                   true_sequential=calib.true_sequential, progress=progress,
                                   fp_targets=calib.fp_targets if calib.fp_targets is not None
-                                  else quant.method == Method.SQUEEZE)
+                                  else quant.method == Method.SQUEEZE,
+                                  finetune_block=_quip_finetuner(quant, world_size, progress))
     fp_model.to("cpu")
     layers = {name: {**packed.meta(), "bits_per_weight": packed.stored_bits() / (packed.shape[0] * packed.shape[1]),
                      **{k: v for k, v in info.items()}} for name, (packed, info) in results.items()}

@@ -48,7 +48,9 @@ def cmd_quantize(a: argparse.Namespace) -> int:
                         static_groups=not a.no_static_groups, damp=a.damp, block_size=a.block_size, mse=a.mse,
                         beta=a.beta, pullback=a.pullback, outlier_frac=a.outlier_frac, saliency=a.saliency,
                         outlier_select=a.outlier_select, gwq_solver=a.gwq_solver, binary_frac=a.binary_frac,
-                        high_bits=a.high_bits, squeeze_score=a.squeeze_score, squeeze_staged=not a.one_shot)
+                        high_bits=a.high_bits, squeeze_score=a.squeeze_score, squeeze_staged=not a.one_shot,
+                        codebook=a.codebook, rht=a.rht, scale_search=a.scale_search, finetune=a.finetune,
+                        ft_steps=a.ft_steps, ft_lr=a.ft_lr)
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                         batch_size=a.batch_size, dtype=a.calib_dtype, true_sequential=not a.no_true_sequential,
                         grad_samples=a.grad_samples, grad_checkpointing=a.grad_checkpointing, fp_targets=a.fp_targets)
@@ -69,17 +71,40 @@ def cmd_quantize(a: argparse.Namespace) -> int:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
+    import time
+
     from . import api
+    from .eval.harness import append_eval, check_available, parse_tasks, run_tasks
     from .eval.memory import bits_per_weight, model_bytes
 
-    model, tok, _meta = api.load_any(a.model, device=a.device)
-    result = api.evaluate_ppl(model, tok, text=a.text, seqlen=a.seqlen, max_tokens=a.max_tokens or None,
-                              bos=a.bos, batch_size=a.batch_size, progress=not a.quiet)
-    result.update(bits_per_weight=bits_per_weight(model), model_bytes=model_bytes(model))
+    tasks = parse_tasks(a.tasks)
+    if a.no_ppl and not tasks:
+        raise LowbitError("--no-ppl: nothing left to evaluate (add --tasks)")
+    check_available(tasks)
+    model, tok, meta = api.load_any(a.model, device=a.device)
+    t0 = time.perf_counter()
+    result = {"ppl": None, "tokens_scored": 0, "seqlen": a.seqlen}
+    if not a.no_ppl:
+        result = api.evaluate_ppl(model, tok, text=a.text, seqlen=a.seqlen, max_tokens=a.max_tokens or None,
+                                  bos=a.bos, batch_size=a.batch_size, progress=not a.quiet)
+    if tasks:
+        result.update(run_tasks(model, tok, tasks, text=a.text, limit=a.limit, num_fewshot=a.num_fewshot,
+                                batch_size=a.batch_size, cloze_passages=a.cloze_passages,
+                                cloze_context=a.cloze_context, seed=a.seed, progress=not a.quiet))
+    result.update(bits_per_weight=bits_per_weight(model), model_bytes=model_bytes(model),
+                  seconds=time.perf_counter() - t0)
+    if meta is not None:  # a lowbit folder keeps its evaluation history
+        append_eval(a.model, {"text": a.text, "seqlen": a.seqlen, "max_tokens": a.max_tokens, "bos": a.bos,
+                              "tasks": tasks, "limit": a.limit, "num_fewshot": a.num_fewshot,
+                              "cloze": {"passages": a.cloze_passages, "context": a.cloze_context, "seed": a.seed},
+                              "metrics": result})
     _write_json(a.json, result)
-    print(f"ppl {result['ppl']:.4f} over {result['tokens_scored']} tokens (seqlen {a.seqlen}), "
-          f"{result['bits_per_weight']:.3f} bits/weight, {result['model_bytes'] / 2**20:.1f} MiB of weights, "
+    ppl = "" if result["ppl"] is None else f"ppl {result['ppl']:.4f} over {result['tokens_scored']} tokens (seqlen {a.seqlen}), "
+    print(f"{ppl}{result['bits_per_weight']:.3f} bits/weight, {result['model_bytes'] / 2**20:.1f} MiB of weights, "
           f"{result['seconds']:.1f} s")
+    for name, r in result.get("tasks", {}).items():
+        print(f"  {name}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                        for k, v in r.items() if k != "seconds"))
     return 0
 
 
@@ -110,7 +135,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 # Modules that add subcommands: each has ``register(subparsers)`` and sets ``func`` on its parsers.
-_EXTENSIONS: tuple[str, ...] = ("lowbit.export.cli",)
+_EXTENSIONS: tuple[str, ...] = ("lowbit.export.cli", "lowbit.report.cli", "lowbit.deploy.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it packed")
     q.add_argument("model", help="model folder, .gguf file, hub id, or 'smollm2-135m' (the demo model)")
-    q.add_argument("--method", default="gptq", help="rtn, gptq, foem, gwq, squeeze or dlqat (default gptq)")
+    q.add_argument("--method", default="gptq", help="rtn, gptq, foem, gwq, squeeze, dlqat or quip (default gptq)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per row (default 128)")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
@@ -140,12 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--high-bits", type=int, default=4, help="Squeeze10: bits of the other cells (default 4)")
     q.add_argument("--squeeze-score", default="pbar", help="Squeeze10: pbar (default) or magnitude cell selection")
     q.add_argument("--one-shot", action="store_true", help="Squeeze10: score cells against FP, no 4-bit stage")
+    q.add_argument("--codebook", default="e8p", help="QuIP#: e8p (E8P lattice + residual stages) or scalar (ablation)")
+    q.add_argument("--rht", action=argparse.BooleanOptionalAction, default=True,
+                   help="QuIP#: randomized Hadamard transform on both sides (default on; --no-rht: ablation)")
+    q.add_argument("--scale-search", action=argparse.BooleanOptionalAction, default=True,
+                   help="QuIP#: try 3 per-matrix scales, keep the lowest proxy loss (default on)")
+    q.add_argument("--finetune", action="store_true", help="QuIP#: per-block Adam on signs/scales vs FP outputs")
+    q.add_argument("--ft-steps", type=int, default=50, help="QuIP#: fine-tuning steps per block (default 50)")
+    q.add_argument("--ft-lr", type=float, default=1e-3, help="QuIP#: fine-tuning learning rate (default 1e-3)")
     q.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=None,
                    help="FIAS: Hessians from the FP model's activations (default: on for squeeze only)")
-    q.add_argument("--train-text", default=None, help="DL-QAT: training text (default: the calibration plays)")
+    q.add_argument("--train-text", default=None, help="DL-QAT: training text (default: --calib, i.e. the calibration plays)")
     q.add_argument("--steps", type=int, default=None, help="DL-QAT: optimizer steps (default 200)")
     q.add_argument("--lora-rank", type=int, default=None, help="DL-QAT: LoRA rank r (default 8)")
-    q.add_argument("--lr", type=float, default=None, help="DL-QAT: AdamW peak learning rate (default 2e-4)")
+    q.add_argument("--lr", type=float, default=None, help="DL-QAT: AdamW peak learning rate (default 1e-3)")
     q.add_argument("--distill", action="store_true", default=None, help="DL-QAT: KL to the FP model's logits, not CE")
     q.add_argument("--grad-accum", type=int, default=None,
                    help="DL-QAT: micro-batches of --batch-size windows (default 4) per step (default 1)")
@@ -170,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quiet", action="store_true")
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity of a lowbit checkpoint or a float model")
+    e = sub.add_parser("eval", help="perplexity and tasks of a lowbit checkpoint or a float model")
     e.add_argument("model", help="lowbit folder, model folder, .gguf, hub id or 'smollm2-135m'")
     e.add_argument("--text", default="default", help="default (evaluation plays) | FILE | DIR | HF dataset")
     e.add_argument("--seqlen", type=int, default=512)
@@ -179,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=4)
     e.add_argument("--device", default=None)
     e.add_argument("--json", default=None, help="write ppl, tokens_scored, seqlen, bits_per_weight, model_bytes, seconds")
+    e.add_argument("--tasks", default=None, help="comma-separated: cloze (on --text), cloze:FILE, lm-eval tasks "
+                   "(hellaswag, arc_easy…; needs lowbit[eval]) or task YAML files")
+    e.add_argument("--no-ppl", action="store_true", help="skip perplexity (only --tasks)")
+    e.add_argument("--limit", type=int, default=None, help="at most N examples per task (cloze included)")
+    e.add_argument("--num-fewshot", type=int, default=None, help="lm-eval tasks: few-shot examples (default 0)")
+    e.add_argument("--cloze-passages", type=int, default=300, help="cloze: passages scored (default 300)")
+    e.add_argument("--cloze-context", type=int, default=128, help="cloze: context tokens per passage (default 128)")
+    e.add_argument("--seed", type=int, default=0, help="cloze: which passages are drawn (default 0)")
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=cmd_eval)
 

@@ -19,6 +19,8 @@ class Method(str, Enum):
     FOEM = "foem"  # GPTQ + first-order error compensation (arXiv 2507.11017)
     GWQ = "gwq"    # gradient-selected fp16 outliers + GPTQ/RTN for the rest (arXiv 2411.00850)
     SQUEEZE = "squeeze"  # staged 1-bit/4-bit mixed precision with PBAR and FIAS (arXiv 2507.18073)
+    DLQAT = "dlqat"  # LoRA + group-magnitude quantization-aware training, see lowbit.qat (arXiv 2504.09223)
+    QUIP = "quip"  # RHT incoherence + BlockLDLQ with the E8P lattice codebook, RVQ for 3/4 bits (arXiv 2402.04396)
 
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -47,6 +49,13 @@ class QuantConfig:
     high_bits: int = 4            # Squeeze10: width of the cells that are not binarized
     squeeze_score: str = "pbar"   # Squeeze10: which cells to binarize: "pbar" (output error) or "magnitude"
     squeeze_staged: bool = True   # Squeeze10: score against the 4-bit stage-1 solution (False: one-shot, vs FP)
+    codebook: str = "e8p"         # QuIP#: "e8p" (E8P lattice, RVQ for 3/4 bits) or "scalar" (uniform grid ablation)
+    rht: bool = True              # QuIP#: randomized Hadamard transform on both sides (False: ablation)
+    rht_seed: int = 0             # QuIP#: sign vectors seeded by (rht_seed, layer shape, side)
+    scale_search: bool = True     # QuIP#: pick the per-matrix scale among a few ρ by proxy loss (False: fixed ρ)
+    finetune: bool = False        # QuIP#: per-block Adam on signs and scales against the FP block outputs
+    ft_steps: int = 50            # QuIP#: fine-tuning steps per block
+    ft_lr: float = 1e-3           # QuIP#: Adam learning rate of the signs (scales: ft_lr / 10)
 
     def __post_init__(self):
         try:
@@ -79,6 +88,16 @@ class QuantConfig:
             raise LowbitError(f"--squeeze-score {self.squeeze_score!r}: choose pbar or magnitude")
         if self.block_size < 1:
             raise LowbitError(f"--block-size {self.block_size} must be positive")
+        if self.codebook not in ("e8p", "scalar"):
+            raise LowbitError(f"--codebook {self.codebook!r}: choose e8p or scalar")
+        if self.method == Method.QUIP and self.bits not in (2, 3, 4):
+            raise LowbitError(f"--bits {self.bits} is not supported by --method quip (choose 2, 3 or 4)")
+        if self.method != Method.QUIP:
+            for flag, off in (("--codebook", self.codebook == "e8p"), ("--no-rht", self.rht), ("--finetune", not self.finetune)):
+                if not off:
+                    raise LowbitError(f"{flag} applies only to --method quip")
+        if self.ft_steps < 0 or not 0 < self.ft_lr < 1:
+            raise LowbitError(f"--ft-steps {self.ft_steps} / --ft-lr {self.ft_lr}: steps must be >= 0, lr in (0, 1)")
 
     def group_size_for(self, n: int) -> int:
         """Effective group size for a row of ``n`` columns (per-row when -1 or larger than n)."""

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from ..models.arch import ArchSpec, blocks_of, linears_of
 from ..packed.qlinear import QuantLinear
+from ..packed.qweight import from_tensors
 from .distributed import broadcast_from_owner
 from .hessian import InputStats, StopForward, capture_inputs
 
@@ -160,9 +161,16 @@ def _solve_in_one_pass(work: nn.Module, lin: dict, groups, h: torch.Tensor, call
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, solve: Solve, *, device="cpu",
                     dtype=torch.float32, batch_size: int = 8, true_sequential: bool = True,
-                    fp_targets: bool = False, progress: bool = True) -> dict[str, tuple[object, dict]]:
+                    fp_targets: bool = False, progress: bool = True,
+                    finetune_block: Callable | None = None) -> dict[str, tuple[object, dict]]:
     """Quantize every linear of every block of ``model`` in place (they become :class:`QuantLinear`);
-    ``windows`` (N, T) are the calibration token ids.  Returns ``{layer name: (packed, info)}``."""
+    ``windows`` (N, T) are the calibration token ids.  Returns ``{layer name: (packed, info)}``.
+
+    ``finetune_block(work, fp_block, inputs, calls) -> None`` (optional, e.g. QuIP#'s fine-tuning) runs after a
+    block's linears are solved: ``work`` holds them as :class:`QuantLinear` modules (on the device, calibration
+    dtype), ``fp_block`` is a float copy of the original block, ``inputs``/``calls`` the block's micro-batches
+    and their ``(args, kwargs)``.  It may replace ``work``'s QuantLinear modules; their packed weights are the
+    result, and the next block's inputs are recomputed through ``work``."""
     blocks = blocks_of(model, spec)
     _move_outside_blocks(model, spec.blocks, device)
     inputs, block_calls = capture(model, blocks, windows, batch_size, device, dtype)
@@ -174,6 +182,7 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
         work_lin, orig_lin = linears_of(work), linears_of(block)
         groups = spec.groups or discover_groups(work, inputs[0], block_calls[i][0])
         losses: dict[str, float] = {}
+        block_inputs = inputs
 
         def solve_group(g: tuple[str, ...], H: torch.Tensor) -> None:
             for name in g:
@@ -214,6 +223,18 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                 for g, st in stats.items():
                     solve_group(g, st.hessian())
             inputs = [_run(work, h, call) for h, call in zip(inputs, block_calls[i])]
+        if finetune_block is not None:
+            names = [n for n in work_lin if f"{spec.blocks}.{i}.{n}" in results]
+            for name in names:
+                _set_module(work, name, QuantLinear(results[f"{spec.blocks}.{i}.{name}"][0], orig_lin[name].bias).to(device))
+            fp_block = copy.deepcopy(block).to(device=device, dtype=dtype)
+            finetune_block(work, fp_block, block_inputs, block_calls[i])
+            del fp_block
+            for name in names:
+                p = work.get_submodule(name).packed
+                full = f"{spec.blocks}.{i}.{name}"
+                results[full] = (from_tensors({k: t.cpu() for k, t in p.tensors().items()}, p.meta()), results[full][1])
+            inputs = [_run(work, h, call) for h, call in zip(block_inputs, block_calls[i])]
         for name in work_lin:
             if f"{spec.blocks}.{i}.{name}" in results:
                 lin = orig_lin[name]

@@ -31,8 +31,15 @@ class QuantLinear(nn.Module):
         return dataclasses.replace(self._template, **{n: getattr(self, n) for n in self._names})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.packed.dequantize(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        """``y = x Ŵᵀ + b`` via :func:`lowbit.kernels.matmul`: the fast kernel for this format where
+        there is one (weights stay packed), else the reference ``x @ packed.dequantize(x.dtype).T``."""
+        from ..kernels import matmul
+
+        packed, bufs = self.__dict__.get("_packed"), self._buffers  # rebuilt only when a buffer was replaced
+        if packed is None or not all(getattr(packed, n) is bufs[n] for n in self._names):
+            packed = self.__dict__["_packed"] = self.packed
+        y = matmul(packed, x)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         meta = self._template.meta()

@@ -242,6 +242,9 @@ def _register_more() -> None:
     from .mixed import MixedBinaryWeight  # its module builds on this one, so it is imported last
 
     FORMATS[MixedBinaryWeight.kind] = MixedBinaryWeight
+    from .quipw import QuipWeight  # QuIP#'s lattice codes + RHT signs
+
+    FORMATS[QuipWeight.kind] = QuipWeight
 
 
 def from_tensors(tensors: dict[str, torch.Tensor], meta: dict):

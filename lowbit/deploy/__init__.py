@@ -1,0 +1,1 @@
+"""Running quantized models: text generation (:mod:`.generate`) and speed/memory benchmarks (:mod:`.bench`)."""

@@ -1,0 +1,120 @@
+"""Fast CPU kernel for :class:`~lowbit.packed.qweight.GroupQuantWeight` (kind ``"int"``), any width 1–8.
+
+The kernel reads the canonical packed tensors as they are (no repacking, no extra memory):
+``qweight`` int32 ``(m, ceil(n/32)·b)``, ``scales`` fp16 ``(m, G)``, ``qzeros`` int32
+``(G, ceil(m/32)·b)`` or none, ``g_idx`` int32 ``(n,)`` or none.  For ``x`` ``(…, n)``:
+
+* few tokens (``M ≤ GEMV_MAX_TOKENS``, i.e. decoding): fused unpack-and-dot,
+  ``y[t, i] = Σ_g s[i,g] · Σ_{j∈g} (q[i,j] − z[i,g]) · x[t,j]``, reading ``b/8`` bytes per weight
+  instead of 4 (fp32) or 2 (bf16).  With AVX-512 BF16 (b ≤ 7, contiguous groups of a multiple of 32)
+  the codes become exact bf16 numbers and ``x`` is split into 1 (bf16), 2 (fp16) or 3 (fp32) bf16
+  parts that sum to it exactly, so the products are exact and only the fp32 summation order differs
+  from the reference; otherwise an fp32 FMA path (any width, group size, ``g_idx``);
+* many tokens (prefill): ``Ŵ = s·(q − z)`` is written to a temporary fp32 ``(m, n)`` by the kernel
+  (bit-identical to the reference dequantization, freed after the call) and multiplied by the BLAS
+  GEMM of ``x.dtype``, so prefill is exactly the reference computation, only faster.
+
+The C++ source (:mod:`.group_cpu_src`) is compiled on first use with ``torch.utils.cpp_extension``
+(``-O3 -march=native``, AVX-512 path where available, scalar otherwise) into
+``$LOWBIT_CACHE/kernels`` (default ``~/.cache/lowbit/kernels``).  Importing this module never
+compiles; :func:`available` does, once per process, and returns ``False`` (with the reason in
+:func:`unavailable_reason`) when there is no compiler.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .group_cpu_src import SOURCE
+
+log = logging.getLogger("lowbit.kernels")
+
+GEMV_MAX_TOKENS = 4  # above this many rows of x, dequantize-to-temporary + GEMM measured faster
+_lock = threading.Lock()
+_state: dict = {}
+_EMPTY = torch.empty(0, dtype=torch.int32)
+# bf16 parts that represent x exactly (8 significant bits each): bf16 1, fp16 (11 bits) 2, fp32 (24) 3
+_SPLITS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+
+
+def _build_dir() -> Path:
+    root = Path(os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit")
+    return root / "kernels"
+
+
+def _cpu_id() -> str:
+    """Identifies the CPU, since the build uses ``-march=native``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [l for l in f if l.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = [platform.processor()]
+    return "".join(lines) + torch.backends.cpu.get_cpu_capability()
+
+
+def _load():
+    """Compile (first time on this machine) and import the extension; ``None`` if that fails."""
+    module = _state.get("module")
+    if module is not None:
+        return module
+    with _lock:
+        if "module" in _state or "error" in _state:
+            return _state.get("module")
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            key = hashlib.sha256((SOURCE + torch.__version__ + _cpu_id()).encode()).hexdigest()[:12]
+            name = f"lowbit_group_cpu_{key}"
+            build = _build_dir() / name
+            build.mkdir(parents=True, exist_ok=True)
+            if not any(build.glob("*.so")):
+                log.warning("lowbit: compiling the CPU kernel into %s (once per machine, about a minute)", build)
+            _state["module"] = load_inline(name, cpp_sources=[SOURCE], build_directory=str(build), verbose=False,
+                                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+        except Exception as e:  # no compiler, no headers, read-only cache…: fall back, say why
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            _state["error"] = f"{type(e).__name__}: {first[:300]}"
+        return _state.get("module")
+
+
+def available() -> bool:
+    """Whether the compiled kernel can be used in this process (compiles it on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _state.get("error")
+
+
+def supports(packed, x: torch.Tensor) -> bool:
+    """This kernel handles every ``GroupQuantWeight`` with 1–8 bits on the CPU."""
+    return (getattr(packed, "kind", None) == "int" and x.device.type == "cpu" and packed.qweight.device.type == "cpu"
+            and 1 <= packed.bits <= 8 and x.dtype in (torch.float32, torch.bfloat16, torch.float16))
+
+
+def _args(packed):
+    return (packed.qweight, packed.scales, _EMPTY if packed.qzeros is None else packed.qzeros,
+            _EMPTY if packed.g_idx is None else packed.g_idx)
+
+
+def dequantize(packed) -> torch.Tensor:
+    """``Ŵ`` (m, n) fp32 — same as ``packed.dequantize(torch.float32)``, bit for bit."""
+    return _load().dequantize(*_args(packed), packed.shape[1], packed.bits, packed.group_size)
+
+
+def matmul(packed, x: torch.Tensor) -> torch.Tensor:
+    """``y = x Ŵᵀ``: ``x`` (…, n) float -> (…, m) in ``x.dtype`` (no bias)."""
+    m, n = packed.shape
+    x2 = x.reshape(-1, n)
+    if x2.shape[0] <= GEMV_MAX_TOKENS:
+        y = _state["module"].gemm(x2, *_args(packed), packed.bits, packed.group_size, _SPLITS[x.dtype])
+        return y.view(*x.shape[:-1], m)  # in x.dtype (the kernel computes in fp32 and casts back)
+    return F.linear(x, dequantize(packed).to(x.dtype))
