@@ -55,3 +55,12 @@ def print_table(rows: list[dict], header: str, json_path: str | None = None) -> 
               f"{r['model_mb']:.1f} | {fmt(r['quantize_s'], '.1f')} | {fmt(r['peak_rss_mb'], '.0f')} |", flush=True)
     if json_path:
         Path(json_path).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def select(todo: list[tuple[str, list[str]]], only: str) -> list[tuple[str, list[str]]]:
+    """Keep the configs whose name contains one of the comma-separated ``only`` substrings
+    (``=NAME`` matches the whole name exactly); all when ``only`` is empty."""
+    keys = [s for s in only.split(",") if s]
+    if not keys:
+        return todo
+    return [c for c in todo if any(c[0] == s[1:] if s.startswith("=") else s in c[0] for s in keys)]

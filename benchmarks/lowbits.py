@@ -18,7 +18,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import fp_row, print_table, quantized_row
+from common import fp_row, print_table, quantized_row, select
 
 
 def configs(gs: int, nsamples: int) -> list[tuple[str, list[str]]]:
@@ -42,13 +42,12 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--only", default="", help="comma-separated substrings: run only matching configs")
+    ap.add_argument("--only", default="", help="comma-separated substrings (=NAME: exact): run only matching configs")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
     todo = configs(a.group_size, a.nsamples)
-    if a.only:
-        todo = [c for c in todo if any(s in c[0] for s in a.only.split(","))]
+    todo = select(todo, a.only)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows = [fp_row(a.model, a.text, a.seqlen, a.max_tokens, tmp)]

@@ -12,7 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import fp_row, print_table, quantized_row
+from common import fp_row, print_table, quantized_row, select
 
 
 def configs(bits: int, gs: int, nsamples: int, betas: list[float], saliencies: list[str]) -> list[tuple[str, list[str]]]:
@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--betas", default="0.05,0.1,0.2,0.5")
     ap.add_argument("--sweep-bits", default="3", help="bit widths that get the whole β sweep")
     ap.add_argument("--saliencies", default="grad,hessian,magnitude")
-    ap.add_argument("--only", default="", help="comma-separated substrings: run only matching configs")
+    ap.add_argument("--only", default="", help="comma-separated substrings (=NAME: exact): run only matching configs")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -46,8 +46,7 @@ def main() -> None:
     for bits in map(int, a.bits.split(",")):
         betas = [float(b) for b in a.betas.split(",")] if bits in sweep else [0.1]
         todo += configs(bits, a.group_size, a.nsamples, betas, a.saliencies.split(","))
-    if a.only:
-        todo = [c for c in todo if any(s in c[0] for s in a.only.split(","))]
+    todo = select(todo, a.only)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows = [fp_row(a.model, a.text, a.seqlen, a.max_tokens, tmp)]

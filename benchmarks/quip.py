@@ -21,7 +21,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from common import fp_row, print_table, quantized_row
+from common import fp_row, print_table, quantized_row, select
 
 
 def configs(bits: int, nsamples: int, ft_steps: int) -> list[tuple[str, list[str]]]:
@@ -47,15 +47,14 @@ def main() -> None:
     ap.add_argument("--ft-steps", type=int, default=50)
     ap.add_argument("--threads", default="1", help="OMP_NUM_THREADS of the subprocesses ('' = leave as is)")
     ap.add_argument("--no-fp", action="store_true", help="skip the FP row")
-    ap.add_argument("--only", default="", help="comma-separated substrings: run only matching configs")
+    ap.add_argument("--only", default="", help="comma-separated substrings (=NAME: exact): run only matching configs")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.threads:
         os.environ["OMP_NUM_THREADS"] = a.threads
 
     todo = [c for bits in map(int, a.bits.split(",")) for c in configs(bits, a.nsamples, a.ft_steps)]
-    if a.only:
-        todo = [c for c in todo if any(s in c[0] for s in a.only.split(","))]
+    todo = select(todo, a.only)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rows = [] if a.no_fp else [fp_row(a.model, a.text, a.seqlen, a.max_tokens, tmp)]

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, fields
@@ -17,6 +18,8 @@ import torch
 from . import __version__
 from .calib import distributed
 from .calib.gradients import weight_saliency
+from .calib.resume import BlockCheckpoints
+from .calib.resume import fingerprint as resume_fingerprint
 from .calib.runner import quantize_blocks
 from .config import CalibConfig, Method, QuantConfig
 from .data import calibration_windows, read_text, tokenize
@@ -24,7 +27,7 @@ from .errors import LowbitError
 from .eval.memory import bits_per_weight, model_bytes, peak_rss_bytes
 from .eval.ppl import evaluate_ppl
 from .models.arch import blocks_of, linears_of, resolve_spec
-from .models.sources import load_model
+from .models.sources import check_finite, load_model
 from .packed import checkpoint
 from .packed.qlinear import QuantLinear
 from .qat.config import QATConfig
@@ -86,27 +89,50 @@ def _quip_finetuner(quant: QuantConfig, world_size: int, progress: bool):
     return BlockFinetuner(quant.ft_steps, quant.ft_lr, progress)
 
 
+def _check_resume(quant: QuantConfig, out, world_size: int) -> None:
+    """``resume=True`` needs a work area to resume from: an ``out``, one process, a method that has checkpoints."""
+    if out is None:
+        raise LowbitError("--resume needs --out (checkpoints live in OUT.work/)")
+    if quant.method == Method.RTN:
+        raise LowbitError("--resume applies to the calibration methods and dlqat; rtn is data-free and has no checkpoints")
+    if world_size > 1 and quant.method != Method.DLQAT:
+        raise LowbitError("--resume runs in a single process (per-block checkpoints are not written under torchrun)")
+
+
 def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | None = None,
              calib: CalibConfig | None = None, device: str | None = None, progress: bool = True,
-             trust_remote_code: bool = False, qat: QATConfig | None = None, **settings) -> QuantizeResult:
+             trust_remote_code: bool = False, qat: QATConfig | None = None, resume: bool = False,
+             **settings) -> QuantizeResult:
     """Quantize the model at ``model`` (folder, .gguf, hub id or ``smollm2-135m``) and, with ``out``,
     save it.  Settings are :class:`QuantConfig` and :class:`CalibConfig` fields (``bits=3``,
-    ``group_size=64``, ``nsamples=64``…) or whole config objects."""
+    ``group_size=64``, ``nsamples=64``…) or whole config objects.
+
+    With ``out``, the calibration methods commit every finished block to ``OUT.work/blocks/``
+    (:mod:`lowbit.calib.resume`); ``resume=True`` continues a killed run from there (DL-QAT: from its latest
+    training checkpoint in ``OUT.work/``).  The work area is removed once ``out`` is written."""
     t0 = time.perf_counter()
     qkw, ckw = _split_settings(settings)
     quant = quant or QuantConfig(**qkw)
     calib = calib or CalibConfig(**ckw)
     device = distributed.init_from_env(device or default_device())
     rank, world_size = distributed.world()
+    if out is not None:
+        checkpoint.check_out(out, probe=rank == 0)  # before hours of work, not after
+    if resume:
+        _check_resume(quant, out, world_size)
     progress = progress and rank == 0
     fp_model, tokenizer, source = load_model(model, trust_remote_code=trust_remote_code)
+    check_finite(fp_model, model)
     spec = resolve_spec(fp_model)
     fingerprint = None
+    checkpoints = None  # per-block checkpoints of the calibration runner (lowbit.calib.resume)
     qat_stats: dict = {}
     if quant.method == Method.DLQAT:  # quantization-aware training (lowbit.qat); installs QuantLinear modules
         from .qat import quantize_dlqat
 
         qat = qat or QATConfig(seed=calib.seed)
+        if resume and not qat.resume:
+            qat = dataclasses.replace(qat, resume=True)
         results = quantize_dlqat(fp_model, tokenizer, spec, quant, calib, qat, device, progress,
                                  work_dir=None if out is None else f"{out}.work")
         qat_stats = results.stats
@@ -139,8 +165,13 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
             extra = {"saliency": grads.pop(name, None)} if quant.method == Method.GWQ else {}
             return _solve(quant, W, H, name, **extra)
 
+        if out is not None and world_size == 1:  # distributed runs are not checkpointed (see _check_resume)
+            key = resume_fingerprint(source, fp_model.config.to_json_string(), quant.to_json(), calib.to_json(),
+                                     fingerprint, {"device": torch.device(device).type,
+                                                   "dtype": str(calib_dtype(calib.dtype, device))}, __version__)
+            checkpoints = BlockCheckpoints(f"{out}.work", key, resume)
         results = quantize_blocks(fp_model, spec, distributed.shard(windows), solve, device=device,
-                                  dtype=calib_dtype(calib.dtype, device), batch_size=calib.windows_per_batch(),
+                                  dtype=calib_dtype(calib.dtype, device), checkpoints=checkpoints, batch_size=calib.windows_per_batch(),
                                   true_sequential=calib.true_sequential, progress=progress,
                                   fp_targets=calib.fp_targets if calib.fp_targets is not None
                                   else quant.method == Method.SQUEEZE,
@@ -167,6 +198,8 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
     if out is not None and rank == 0:
         dtype = torch.bfloat16 if getattr(fp_model.config, "dtype", None) in (torch.bfloat16, "bfloat16") else torch.float16
         saved = checkpoint.save(out, fp_model, tokenizer, meta, dtype=dtype)
+        if checkpoints is not None:
+            checkpoints.finish()
         report["seconds"] = time.perf_counter() - t0
     report["processes"] = world_size
     distributed.barrier()  # no rank returns before rank 0 has written the output

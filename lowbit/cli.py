@@ -32,6 +32,7 @@ def _qat_config(a: argparse.Namespace, method: str):
     """The DL-QAT flags as a ``QATConfig`` (``None`` for other methods, which must not be given them)."""
     given = {k: getattr(a, k) for k in _QAT_FLAGS if getattr(a, k) is not None}
     if method != "dlqat":
+        given.pop("resume", None)  # the calibration methods resume from per-block checkpoints (api.quantize)
         if given:
             raise LowbitError(f"--{next(iter(given)).replace('_', '-')} applies only to --method dlqat")
         return None
@@ -56,7 +57,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
                         grad_samples=a.grad_samples, grad_checkpointing=a.grad_checkpointing, fp_targets=a.fp_targets)
     qat = _qat_config(a, quant.method.value)
     res = api.quantize(a.model, out=a.out, quant=quant, calib=calib, device=a.device, progress=not a.quiet,
-                       trust_remote_code=a.trust_remote_code, qat=qat)
+                       trust_remote_code=a.trust_remote_code, qat=qat, resume=bool(a.resume))
     from .calib.distributed import world
 
     if world()[0] != 0:  # under torchrun only rank 0 reports
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DL-QAT: micro-batches of --batch-size windows (default 4) per step (default 1)")
     q.add_argument("--warmup", type=int, default=None, help="DL-QAT: linear warm-up steps (default 5%% of --steps)")
     q.add_argument("--save-every", type=int, default=None, help="DL-QAT: checkpoint every K steps into OUT.work/")
-    q.add_argument("--resume", action="store_true", default=None, help="DL-QAT: continue from OUT.work/'s latest")
+    q.add_argument("--resume", action="store_true", default=None, help="continue a killed run from OUT.work/ (finished blocks; DL-QAT: latest training checkpoint)")
     q.add_argument("--init", default=None, help="DL-QAT: initial grid and W0 from rtn (default) or gptq")
     q.add_argument("--block-size", type=int, default=128)
     q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,

@@ -70,10 +70,23 @@ def test_true_sequential_modes_agree_roughly(tiny_models, tiny_text):
         assert la["loss"] == pytest.approx(b.meta["layers"][name]["loss"], rel=1e-3, abs=1e-6)
 
 
-def test_quantize_leaves_global_rng_alone(tiny_models, tiny_text):
-    state = torch.random.get_rng_state()
-    lowbit.quantize(str(tiny_models["llama"]), bits=4, group_size=32, source=str(tiny_text), progress=False, **CALIB)
+@pytest.mark.parametrize("method,extra", [("gptq", {}), ("squeeze", {}), ("quip", {"finetune": True, "ft_steps": 2}),
+                                          ("gwq", {"grad_samples": 2})])
+def test_quantize_leaves_global_rng_alone(method, extra, tiny_models, tiny_text, tmp_path):
+    """lowbit draws only from private ``torch.Generator`` objects: the caller's RNG states (torch, Python,
+    NumPy) are the same before and after a run (randomness: window offsets, QuIP#'s RHT signs, fine-tuning order)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(1234)
+    state, py, npy = torch.random.get_rng_state(), random.getstate(), np.random.get_state()
+    lowbit.quantize(str(tiny_models["llama"]), method=method, bits=4 if method != "quip" else 2, group_size=32,
+                    source=str(tiny_text), out=tmp_path / "q", progress=False, **CALIB, **extra)
     assert torch.equal(state, torch.random.get_rng_state())
+    assert random.getstate() == py
+    after = np.random.get_state()
+    assert after[0] == npy[0] and np.array_equal(after[1], npy[1]) and after[2:] == npy[2:]
 
 
 def _cli(*args, module=False):
@@ -139,10 +152,11 @@ def test_discovery_fallback_matches_the_spec(tiny_models, tiny_text):
     assert discover_groups(blocks[0], inputs[0], calls[0][0]) == SPECS["llama"].groups
 
 
-@pytest.mark.parametrize("method", ["gptq", "gwq", "squeeze"])
+@pytest.mark.parametrize("method", ["gptq", "gwq", "squeeze", "quip"])
 def test_same_inputs_give_identical_files(method, tiny_models, tiny_text, tmp_path):
     """Determinism: two runs with the same model, data, config and seed write byte-identical files."""
-    kw = dict(method=method, bits=3, group_size=32, source=str(tiny_text), progress=False, grad_samples=2, **CALIB)
+    extra = {"finetune": True, "ft_steps": 2} if method == "quip" else {"grad_samples": 2}
+    kw = dict(method=method, bits=3, group_size=32, source=str(tiny_text), progress=False, **extra, **CALIB)
     for run in ("a", "b"):
         lowbit.quantize(str(tiny_models["llama"]), out=tmp_path / run, **kw)
     for f in sorted((tmp_path / "a").iterdir()):

@@ -17,7 +17,7 @@ def accumulate_hessian(S: torch.Tensor, x: torch.Tensor) -> int:
 
     The product runs in float32 at least, whatever the activations' dtype: a bf16 product is 4× faster
     on CPUs with bf16 units, but its output rounding (~2⁻⁹ relative) measurably hurt GPTQ on the demo
-    model (ppl +1.9 %, BENCHMARKS.md); float16 sums of squares can also overflow."""
+    model (ppl +1.9 %, README design choices); float16 sums of squares can also overflow."""
     X = x.reshape(-1, x.shape[-1])
     if X.dtype not in (torch.float32, torch.float64):
         X = X.float()

@@ -36,6 +36,7 @@ from ..packed.qlinear import QuantLinear
 from ..packed.qweight import from_tensors
 from .distributed import broadcast_from_owner
 from .hessian import InputStats, StopForward, capture_inputs
+from .resume import BlockCheckpoints
 
 Solve = Callable[[torch.Tensor, torch.Tensor, str], tuple[object, dict]]
 
@@ -162,7 +163,8 @@ def _solve_in_one_pass(work: nn.Module, lin: dict, groups, h: torch.Tensor, call
 def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, solve: Solve, *, device="cpu",
                     dtype=torch.float32, batch_size: int = 8, true_sequential: bool = True,
                     fp_targets: bool = False, progress: bool = True,
-                    finetune_block: Callable | None = None) -> dict[str, tuple[object, dict]]:
+                    finetune_block: Callable | None = None,
+                    checkpoints: BlockCheckpoints | None = None) -> dict[str, tuple[object, dict]]:
     """Quantize every linear of every block of ``model`` in place (they become :class:`QuantLinear`);
     ``windows`` (N, T) are the calibration token ids.  Returns ``{layer name: (packed, info)}``.
 
@@ -170,12 +172,25 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
     block's linears are solved: ``work`` holds them as :class:`QuantLinear` modules (on the device, calibration
     dtype), ``fp_block`` is a float copy of the original block, ``inputs``/``calls`` the block's micro-batches
     and their ``(args, kwargs)``.  It may replace ``work``'s QuantLinear modules; their packed weights are the
-    result, and the next block's inputs are recomputed through ``work``."""
+    result, and the next block's inputs are recomputed through ``work``.  It is called with the block index as
+    a fifth argument (so its randomness does not depend on how many blocks this process ran).
+
+    ``checkpoints`` (optional, :mod:`lowbit.calib.resume`): every finished block is committed there with the next
+    block's inputs; blocks it restores get their QuantLinear modules and results back and are skipped."""
     blocks = blocks_of(model, spec)
     _move_outside_blocks(model, spec.blocks, device)
     inputs, block_calls = capture(model, blocks, windows, batch_size, device, dtype)
     results: dict[str, tuple[object, dict]] = {}
-    bar = tqdm(range(len(blocks)), desc="quantize", unit="block", disable=not progress)
+    start = 0
+    if checkpoints is not None:
+        start, results, saved = checkpoints.restore(len(blocks))
+        if saved is not None:
+            inputs = [h.to(device) for h in saved]
+        for name, (packed, _) in results.items():
+            lin = model.get_submodule(name)
+            _set_module(model, name, QuantLinear(packed, lin.bias))
+    bar = tqdm(range(start, len(blocks)), desc="quantize", unit="block", disable=not progress,
+               initial=start, total=len(blocks))
     for i in bar:
         block = blocks[i]
         work = copy.deepcopy(block).to(device=device, dtype=dtype)
@@ -228,7 +243,7 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
             for name in names:
                 _set_module(work, name, QuantLinear(results[f"{spec.blocks}.{i}.{name}"][0], orig_lin[name].bias).to(device))
             fp_block = copy.deepcopy(block).to(device=device, dtype=dtype)
-            finetune_block(work, fp_block, block_inputs, block_calls[i])
+            finetune_block(work, fp_block, block_inputs, block_calls[i], i)
             del fp_block
             for name in names:
                 p = work.get_submodule(name).packed
@@ -240,6 +255,9 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                 lin = orig_lin[name]
                 _set_module(block, name, QuantLinear(results[f"{spec.blocks}.{i}.{name}"][0], lin.bias))
         del work
+        if checkpoints is not None:
+            prefix = f"{spec.blocks}.{i}."
+            checkpoints.save(i, {n: r for n, r in results.items() if n.startswith(prefix)}, inputs)
         if progress:
             bar.write(f"block {i:3d}  " + "  ".join(f"{k} {v:.4g}" for k, v in losses.items()))
     return results

@@ -127,3 +127,12 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, trust_remote_cod
     info["model_type"] = model.config.model_type
     info["source"] = source
     return model, tokenizer, info
+
+
+def check_finite(model: torch.nn.Module, source: str) -> None:
+    """Refuse weights with NaN/Inf before quantizing: every statistic and grid downstream would turn to NaN and
+    fail somewhere far from the cause (or, worse, save garbage), so name the tensor here instead."""
+    for name, t in model.named_parameters():  # buffers (masks) may hold -inf on purpose
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise LowbitError(f"model '{source}': tensor '{name}' has {bad} NaN/Inf value(s); refusing to quantize it")

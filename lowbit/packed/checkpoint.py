@@ -11,9 +11,13 @@ Layout of ``DIR``::
 :func:`save` writes into a temporary sibling folder and renames it into place, so ``DIR`` is either
 the complete old checkpoint or the complete new one, never half-written.  :func:`load` checks the
 version, the key set and every shape, and fails with a :class:`LowbitError` naming the file.
+``lowbit.json`` records the sha256 of ``model.safetensors`` (``weights_sha256``): flipped bits inside the
+tensor data leave a well-formed file that only a checksum can catch (≈ 1 s per GB to verify at load;
+checkpoints without the field, written before it existed, load unchecked).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from ..errors import LowbitError
@@ -50,13 +55,28 @@ def _state_for_saving(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
     return out
 
 
+def check_out(out_dir: str | os.PathLike, probe: bool = False) -> None:
+    """Refuse an ``--out`` that is someone else's (a file, or a non-empty folder without ``lowbit.json``) and,
+    with ``probe``, one whose parent folder cannot be written (a temporary folder is made and removed: the only
+    test that also holds for root and for read-only mounts).  :func:`lowbit.quantize` calls this before any work,
+    so a bad ``--out`` fails in a second, not after hours of calibration; :func:`save` checks again."""
+    out = Path(out_dir)
+    if out.exists() and not (out / META_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise LowbitError(f"--out '{out}' exists and is not a lowbit checkpoint; refusing to overwrite it")
+    if probe:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=out.parent))
+        except OSError as e:
+            raise LowbitError(f"--out '{out}': cannot write there ({e.strerror or e})") from None
+
+
 def save(out_dir: str | os.PathLike, model: nn.Module, tokenizer, meta: dict, dtype: torch.dtype = torch.float16) -> Path:
     """Write ``model`` (with its :class:`QuantLinear` layers), tokenizer and ``meta`` to ``out_dir``."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    if out.exists() and not (out / META_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise LowbitError(f"--out '{out}' exists and is not a lowbit checkpoint; refusing to overwrite it")
+    check_out(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -72,7 +92,8 @@ def save(out_dir: str | os.PathLike, model: nn.Module, tokenizer, meta: dict, dt
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        full = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": str(dtype).replace("torch.", ""), **meta}
+        full = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": str(dtype).replace("torch.", ""), **meta,
+                "weights_sha256": _sha256(tmp / WEIGHTS_FILE)}
         (tmp / META_FILE).write_text(json.dumps(full, indent=1, sort_keys=False) + "\n")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -81,9 +102,10 @@ def save(out_dir: str | os.PathLike, model: nn.Module, tokenizer, meta: dict, dt
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(out)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports its own I/O errors (disk full) as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise LowbitError(f"--out '{out}': writing the checkpoint failed ({e.strerror or e})") from None
+        why = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        raise LowbitError(f"--out '{out}': writing the checkpoint failed ({why})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -109,6 +131,14 @@ def read_meta(model_dir: str | os.PathLike) -> dict:
     if not isinstance(meta.get("layers"), dict):
         raise LowbitError(f"{path}: missing or invalid 'layers'")
     return meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -169,6 +199,9 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise LowbitError(f"{wpath}: missing tensor '{missing[0]}'")
+    digest = meta.get("weights_sha256")  # last: a broken structure gets the more telling message above
+    if digest is not None and digest != _sha256(wpath):
+        raise LowbitError(f"{wpath} is corrupt: its sha256 differs from the one recorded in {META_FILE}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:

@@ -250,7 +250,7 @@ def _register_more() -> None:
 def from_tensors(tensors: dict[str, torch.Tensor], meta: dict):
     """Rebuild a packed weight of any registered format from its tensors and metadata."""
     kind = meta.get("kind") if isinstance(meta, dict) else None
-    if kind not in FORMATS:
+    if not isinstance(kind, str) or kind not in FORMATS:  # (a list or dict from a damaged lowbit.json is unhashable)
         raise FormatError(f"unknown packed format {kind!r}")
     return FORMATS[kind].from_tensors(tensors, meta)
 

@@ -82,16 +82,18 @@ def _run(block: nn.Module, h: torch.Tensor, call: tuple) -> torch.Tensor:
 
 
 class BlockFinetuner:
-    """The runner's ``finetune_block(work, fp_block, inputs, calls)`` callback for QuIP# (see module docstring).
+    """The runner's ``finetune_block(work, fp_block, inputs, calls, index)`` callback for QuIP# (see module docstring).
 
     Replaces the QuIP# :class:`QuantLinear` modules of ``work`` by trained ones; ``history`` keeps
-    ``(held-out MSE before, after)`` per block."""
+    ``(held-out MSE before, after)`` per block.  The window order is seeded by the block ``index`` (default: the
+    number of blocks seen so far), so a run resumed at block k trains block k exactly like an uninterrupted one."""
 
     def __init__(self, steps: int, lr: float, progress: bool = True):
         self.steps, self.lr, self.progress = steps, lr, progress
         self.history: list[tuple[float, float]] = []
 
-    def __call__(self, work: nn.Module, fp_block: nn.Module, inputs: list, calls: list) -> None:
+    def __call__(self, work: nn.Module, fp_block: nn.Module, inputs: list, calls: list, index: int | None = None) -> None:
+        index = len(self.history) if index is None else index
         quip = {n: m for n, m in work.named_modules() if isinstance(m, QuantLinear) and isinstance(m.packed, QuipWeight)
                 and m.packed.sign_mode != "none"}
         if not quip or self.steps == 0:
@@ -126,8 +128,8 @@ class BlockFinetuner:
         before = float(batch_loss(held, False))
         opt = torch.optim.Adam([{"params": [m.su for m in mods.values()] + [m.sv for m in mods.values()], "lr": self.lr},
                                 {"params": [m.gain for m in mods.values()], "lr": self.lr / 10}])
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(len(self.history)))
-        bar = tqdm(range(self.steps), desc=f"finetune block {len(self.history)}", leave=False, disable=not self.progress)
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(index))
+        bar = tqdm(range(self.steps), desc=f"finetune block {index}", leave=False, disable=not self.progress)
         for step in bar:
             picks = [samples[int(order[(step * FT_WINDOWS + k) % len(samples)])] for k in range(FT_WINDOWS)]
             opt.zero_grad(set_to_none=True)
@@ -138,7 +140,7 @@ class BlockFinetuner:
         after = float(batch_loss(held, False))
         self.history.append((before, after))
         if self.progress:
-            tqdm.write(f"finetune block {len(self.history) - 1}: held-out MSE {before:.4g} -> {after:.4g}"
+            tqdm.write(f"finetune block {index}: held-out MSE {before:.4g} -> {after:.4g}"
                        + ("" if after < before else " (kept the untrained weights)"))
         if after >= before:
             return
