@@ -99,6 +99,15 @@ def _check_resume(quant: QuantConfig, out, world_size: int) -> None:
         raise LowbitError("--resume runs in a single process (per-block checkpoints are not written under torchrun)")
 
 
+def _check_offload(quant: QuantConfig) -> None:
+    """``--offload disk`` works block by block; the methods that need the whole float model at once refuse it."""
+    if quant.method == Method.DLQAT:
+        raise LowbitError("--offload disk is not supported with --method dlqat (training needs the whole float model)")
+    if quant.method == Method.GWQ and quant.saliency == "grad":
+        raise LowbitError("--offload disk is not supported with --method gwq --saliency grad (the gradient pass needs "
+                          "the whole float model); use --saliency hessian or magnitude")
+
+
 def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | None = None,
              calib: CalibConfig | None = None, device: str | None = None, progress: bool = True,
              trust_remote_code: bool = False, qat: QATConfig | None = None, resume: bool = False,
@@ -121,7 +130,15 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
     if resume:
         _check_resume(quant, out, world_size)
     progress = progress and rank == 0
-    fp_model, tokenizer, source = load_model(model, trust_remote_code=trust_remote_code)
+    offload = None  # --offload disk: the blocks' parameters stay on disk until the runner reaches them
+    if calib.offload == "disk":
+        _check_offload(quant)
+        from .models.offload import load_offloaded
+
+        fp_model, tokenizer, source, offload = load_offloaded(model, lambda m: resolve_spec(m).blocks,
+                                                              trust_remote_code=trust_remote_code)
+    else:
+        fp_model, tokenizer, source = load_model(model, trust_remote_code=trust_remote_code)
     check_finite(fp_model, model)
     spec = resolve_spec(fp_model)
     fingerprint = None
@@ -140,12 +157,17 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
     elif quant.method == Method.RTN:  # data-free
         results = {}
         for i, block in enumerate(blocks_of(fp_model, spec)):
+            if offload is not None:
+                offload.materialize(i)
             for name, lin in linears_of(block).items():
                 full = f"{spec.blocks}.{i}.{name}"
                 packed, info = _solve(quant, lin.weight.detach().float(), None, full)
                 results[full] = (packed, info)
                 parent, _, leaf = name.rpartition(".")
                 setattr(block.get_submodule(parent) if parent else block, leaf, QuantLinear(packed, lin.bias))
+            if offload is not None:
+                lin = None  # the float linear may go
+                offload.release(i)
     else:
         ids = tokenize(tokenizer, read_text(calib.source, split="calib"))
         windows = calibration_windows(ids, calib.nsamples, calib.seqlen, calib.seed)
@@ -166,7 +188,8 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
             return _solve(quant, W, H, name, **extra)
 
         if out is not None and world_size == 1:  # distributed runs are not checkpointed (see _check_resume)
-            key = resume_fingerprint(source, fp_model.config.to_json_string(), quant.to_json(), calib.to_json(),
+            calib_key = {k: v for k, v in calib.to_json().items() if k != "offload"}  # offload changes no result
+            key = resume_fingerprint(source, fp_model.config.to_json_string(), quant.to_json(), calib_key,
                                      fingerprint, {"device": torch.device(device).type,
                                                    "dtype": str(calib_dtype(calib.dtype, device))}, __version__)
             checkpoints = BlockCheckpoints(f"{out}.work", key, resume)
@@ -175,7 +198,7 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
                                   true_sequential=calib.true_sequential, progress=progress,
                                   fp_targets=calib.fp_targets if calib.fp_targets is not None
                                   else quant.method == Method.SQUEEZE,
-                                  finetune_block=_quip_finetuner(quant, world_size, progress))
+                                  finetune_block=_quip_finetuner(quant, world_size, progress), offload=offload)
     fp_model.to("cpu")
     layers = {name: {**packed.meta(), "bits_per_weight": packed.stored_bits() / (packed.shape[0] * packed.shape[1]),
                      **{k: v for k, v in info.items()}} for name, (packed, info) in results.items()}

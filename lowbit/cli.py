@@ -54,7 +54,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
                         ft_steps=a.ft_steps, ft_lr=a.ft_lr)
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                         batch_size=a.batch_size, dtype=a.calib_dtype, true_sequential=not a.no_true_sequential,
-                        grad_samples=a.grad_samples, grad_checkpointing=a.grad_checkpointing, fp_targets=a.fp_targets)
+                        grad_samples=a.grad_samples, grad_checkpointing=a.grad_checkpointing, fp_targets=a.fp_targets,
+                        offload=a.offload)
     qat = _qat_config(a, quant.method.value)
     res = api.quantize(a.model, out=a.out, quant=quant, calib=calib, device=a.device, progress=not a.quiet,
                        trust_remote_code=a.trust_remote_code, qat=qat, resume=bool(a.resume))
@@ -197,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=0, help="calibration windows per forward pass (0 = auto)")
     q.add_argument("--calib-dtype", default="auto", help="auto | float32 | bfloat16 | float16 (runner activations)")
     q.add_argument("--no-true-sequential", action="store_true", help="one forward per block for all Hessians")
+    q.add_argument("--offload", default="none", help="none | disk: keep each block's weights in the safetensors "
+                   "files until it is quantized (memory bounded by one block)")
     q.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     q.add_argument("--out", default=None, help="output folder (written atomically)")
     q.add_argument("--json", default=None, help="write seconds, bits_per_weight, peak_rss_bytes, per-layer losses")

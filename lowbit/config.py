@@ -123,6 +123,7 @@ class CalibConfig:
     fp_targets: bool | None = None  # FIAS: Hessians from the FP model's activations (None = on for squeeze only)
     grad_samples: int = 16        # GWQ: calibration windows back-propagated for Σ|∂L/∂W|
     grad_checkpointing: bool = False  # GWQ: recompute each block in the backward pass (less memory)
+    offload: str = "none"         # "disk": blocks' weights stay in the safetensors files until quantized (lowbit.models.offload)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -134,6 +135,8 @@ class CalibConfig:
             raise LowbitError(f"--grad-samples {self.grad_samples} must be >= 1")
         if self.batch_size < 0:
             raise LowbitError(f"--batch-size {self.batch_size} must be >= 0 (0 = auto)")
+        if self.offload not in ("none", "disk"):
+            raise LowbitError(f"--offload {self.offload!r}: choose none or disk")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise LowbitError(f"--calib-dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
 

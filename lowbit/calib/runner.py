@@ -164,7 +164,8 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                     dtype=torch.float32, batch_size: int = 8, true_sequential: bool = True,
                     fp_targets: bool = False, progress: bool = True,
                     finetune_block: Callable | None = None,
-                    checkpoints: BlockCheckpoints | None = None) -> dict[str, tuple[object, dict]]:
+                    checkpoints: BlockCheckpoints | None = None,
+                    offload=None) -> dict[str, tuple[object, dict]]:
     """Quantize every linear of every block of ``model`` in place (they become :class:`QuantLinear`);
     ``windows`` (N, T) are the calibration token ids.  Returns ``{layer name: (packed, info)}``.
 
@@ -176,7 +177,11 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
     a fifth argument (so its randomness does not depend on how many blocks this process ran).
 
     ``checkpoints`` (optional, :mod:`lowbit.calib.resume`): every finished block is committed there with the next
-    block's inputs; blocks it restores get their QuantLinear modules and results back and are skipped."""
+    block's inputs; blocks it restores get their QuantLinear modules and results back and are skipped.
+
+    ``offload`` (optional, :class:`lowbit.models.offload.DiskOffload`): the blocks' parameters start on the ``meta``
+    device; ``offload.materialize(i)`` loads block ``i`` just before it is processed (or restored) and
+    ``offload.release(i)`` runs once its linears are :class:`QuantLinear`, so at most one block is ever in float."""
     blocks = blocks_of(model, spec)
     _move_outside_blocks(model, spec.blocks, device)
     inputs, block_calls = capture(model, blocks, windows, batch_size, device, dtype)
@@ -187,11 +192,17 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
         if saved is not None:
             inputs = [h.to(device) for h in saved]
         for name, (packed, _) in results.items():
+            if offload is not None and name.startswith(f"{spec.blocks}."):
+                j = int(name[len(spec.blocks) + 1:].split(".", 1)[0])
+                if j not in offload.loaded:
+                    offload.materialize(j)
             lin = model.get_submodule(name)
             _set_module(model, name, QuantLinear(packed, lin.bias))
     bar = tqdm(range(start, len(blocks)), desc="quantize", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     for i in bar:
+        if offload is not None:
+            offload.materialize(i)
         block = blocks[i]
         work = copy.deepcopy(block).to(device=device, dtype=dtype)
         work_lin, orig_lin = linears_of(work), linears_of(block)
@@ -254,7 +265,9 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
             if f"{spec.blocks}.{i}.{name}" in results:
                 lin = orig_lin[name]
                 _set_module(block, name, QuantLinear(results[f"{spec.blocks}.{i}.{name}"][0], lin.bias))
-        del work
+        del work, work_lin, orig_lin, block
+        if offload is not None:
+            offload.release(i)
         if checkpoints is not None:
             prefix = f"{spec.blocks}.{i}."
             checkpoints.save(i, {n: r for n, r in results.items() if n.startswith(prefix)}, inputs)

@@ -1,0 +1,185 @@
+"""Disk offload (``--offload disk``): memory bounded by one decoder block, for models bigger than RAM.
+
+:func:`load_offloaded` builds the float model with every decoder block's *parameters* on the ``meta``
+device (no memory; buffers such as rotary frequencies are computed as usual) and loads only the
+tensors outside the blocks (embeddings, final norm, head) from the model's safetensors file(s).
+The returned :class:`DiskOffload` is handed to the calibration runner, which calls
+:meth:`DiskOffload.materialize` just before block ``i`` is processed: block ``i``'s tensors are read
+from the safetensors files with ``safe_open`` (one tensor at a time, cast to float32 exactly as
+``from_pretrained(dtype=float32)`` does).  Once the block is quantized its linears are
+:class:`~lowbit.packed.qlinear.QuantLinear` modules holding packed weights; only they and the
+block's small non-linear tensors (norms, biases) stay in memory, so the float weights of at most one
+block exist at any time and the saved checkpoint is byte-identical to a run without offload.
+
+Sources: a Hugging Face folder with ``model.safetensors`` or a sharded
+``model.safetensors.index.json``; a ``.gguf`` file (or the demo alias) is read from the float
+safetensors cache that :func:`~lowbit.models.sources.load_model` writes (on first use the GGUF is
+dequantized once, in full, to fill that cache).  Hub ids must be downloaded first.
+"""
+from __future__ import annotations
+
+import gc
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from .sources import _check_model_type, _gguf_cache_path, check_finite, load_model, resolve
+
+OFFLOAD_MODES = ("none", "disk")
+
+
+@contextmanager
+def _params_on_meta():
+    """Modules built inside get their parameters on ``meta`` (no memory); buffers stay real."""
+    orig = nn.Module.register_parameter
+
+    def register(module, name, param):
+        orig(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig
+
+
+def tensor_files(folder: str | Path) -> dict[str, Path]:
+    """``{tensor name: safetensors file}`` of a model folder (single file or sharded index)."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise LowbitError(f"{index}: not a readable safetensors index ({e})") from None
+        return {name: folder / f for name, f in weight_map.items()}
+    single = folder / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    raise LowbitError(f"--offload disk: '{folder}' has no model.safetensors (or index); "
+                      "convert the model to safetensors or run without --offload")
+
+
+class DiskOffload:
+    """Loads a model's tensors lazily from safetensors, by dotted name, one decoder block at a time."""
+
+    def __init__(self, model: nn.Module, blocks_path: str, files: dict[str, Path], dtype: torch.dtype, source: str):
+        self.model, self.blocks_path, self.files, self.dtype, self.source = model, blocks_path, files, dtype, source
+        self.prefix = getattr(model, "base_model_prefix", "") or ""
+        self.loaded: list[int] = []  # block indices in materialization order (for tests and reports)
+
+    def _key(self, name: str) -> str:
+        """The file's name for model tensor ``name`` (checkpoints may omit or add the base model prefix)."""
+        if name in self.files:
+            return name
+        if self.prefix and name.startswith(self.prefix + ".") and name[len(self.prefix) + 1:] in self.files:
+            return name[len(self.prefix) + 1:]
+        if self.prefix and f"{self.prefix}.{name}" in self.files:
+            return f"{self.prefix}.{name}"
+        raise LowbitError(f"--offload disk: tensor '{name}' of model '{self.source}' is not in its safetensors "
+                          "files; run without --offload")
+
+    def load_into(self, module: nn.Module, prefix: str) -> None:
+        """Replace every meta parameter of ``module`` (named ``prefix`` in the model) by its stored tensor."""
+        from safetensors import safe_open
+
+        wanted: dict[Path, list] = {}
+        for sub_name, sub in module.named_modules():
+            for leaf, p in sub._parameters.items():
+                if p is not None and p.device.type == "meta":
+                    full = ".".join(x for x in (prefix, sub_name, leaf) if x)
+                    key = self._key(full)
+                    wanted.setdefault(self.files[key], []).append((sub, leaf, key, p.requires_grad))
+        for path, items in wanted.items():
+            with safe_open(str(path), framework="pt") as f:
+                for sub, leaf, key, grad in items:
+                    t = f.get_tensor(key)
+                    if t.is_floating_point():
+                        t = t.to(self.dtype)
+                    sub._parameters[leaf] = nn.Parameter(t, requires_grad=grad and t.is_floating_point())
+
+    def materialize(self, i: int) -> None:
+        """Load block ``i``'s tensors (called by the runner just before the block is processed)."""
+        block = self.model.get_submodule(self.blocks_path)[i]
+        self.load_into(block, f"{self.blocks_path}.{i}")
+        check_finite(block, self.source)
+        self.loaded.append(i)
+
+    def release(self, i: int) -> None:
+        """After block ``i`` is quantized: drop what is no longer referenced (its float linear weights)."""
+        gc.collect()
+
+
+def load_offloaded(source: str, blocks_path_of, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
+    """Like :func:`~lowbit.models.sources.load_model`, but the decoder blocks' parameters stay on disk.
+
+    ``blocks_path_of(model) -> str`` names the blocks' ``ModuleList`` (``resolve_spec(model).blocks``).
+    Returns ``(model, tokenizer, info, offload)``; ``offload.materialize(i)`` loads block ``i``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    info = resolve(source)
+    if info["kind"] == "lowbit":
+        raise LowbitError(f"model '{source}' is already a lowbit checkpoint; load it with lowbit.load")
+    if info["kind"] == "hub":
+        raise LowbitError(f"--offload disk needs a local model folder or .gguf file; download '{source}' first "
+                          "(huggingface-cli download) and pass its folder")
+    kw = {"trust_remote_code": trust_remote_code}
+    path = Path(info["path"])
+    if info["kind"] == "gguf":
+        path = _gguf_cache_path(info["path"], info["gguf_file"])
+        if not (path / "config.json").is_file():  # first use: dequantize once to fill the float cache
+            model, _, _ = load_model(source, dtype=dtype, trust_remote_code=trust_remote_code)
+            del model
+            gc.collect()
+            if not (path / "config.json").is_file():
+                raise LowbitError(f"--offload disk: could not write the float cache of '{source}' under {path.parent}")
+    else:
+        _check_model_type(path / "config.json")
+    files = tensor_files(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), **kw)
+        with _params_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
+    except LowbitError:
+        raise
+    except Exception as e:  # transformers raises many types for unreadable models
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LowbitError(f"cannot load model '{source}': {first[:300]}") from None
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+    blocks_path = blocks_path_of(model)
+    offload = DiskOffload(model, blocks_path, files, dtype, source)
+    blocks = model.get_submodule(blocks_path)
+    block_ids = {id(m) for b in blocks for m in b.modules()}
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+        tied.add(id(model.get_output_embeddings()))
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if id(mod) in block_ids or id(mod) in tied:
+                continue
+            for leaf, p in list(mod._parameters.items()):
+                if p is not None and p.device.type == "meta":
+                    sub = nn.Module()
+                    sub._parameters[leaf] = p
+                    offload.load_into(sub, name)
+                    mod._parameters[leaf] = sub._parameters[leaf]
+        model.tie_weights()
+    for name, p in model.named_parameters():
+        if p.device.type == "meta" and not name.startswith(blocks_path + "."):
+            raise LowbitError(f"--offload disk: tensor '{name}' of model '{source}' could not be loaded")
+    model.eval()
+    info["model_type"] = model.config.model_type
+    info["source"] = source
+    return model, tokenizer, info, offload
