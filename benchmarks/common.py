@@ -64,3 +64,12 @@ def select(todo: list[tuple[str, list[str]]], only: str) -> list[tuple[str, list
     if not keys:
         return todo
     return [c for c in todo if any(c[0] == s[1:] if s.startswith("=") else s in c[0] for s in keys)]
+
+
+def add_common_args(ap, max_tokens: int = 8192) -> None:
+    """The flags every benchmark shares: model, evaluation text and window, calibration size."""
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--text", default="default", help="evaluation text (default: the evaluation plays)")
+    ap.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens of --text scored")
+    ap.add_argument("--seqlen", type=int, default=512, help="evaluation and calibration window")
+    ap.add_argument("--nsamples", type=int, default=64, help="calibration windows")

@@ -18,7 +18,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import fp_row, print_table, quantized_row, select
+from common import add_common_args, fp_row, print_table, quantized_row, select
 
 
 def configs(gs: int, nsamples: int) -> list[tuple[str, list[str]]]:
@@ -36,11 +36,7 @@ def configs(gs: int, nsamples: int) -> list[tuple[str, list[str]]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--text", default="default")
-    ap.add_argument("--max-tokens", type=int, default=8192)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--nsamples", type=int, default=64)
+    add_common_args(ap)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--only", default="", help="comma-separated substrings (=NAME: exact): run only matching configs")
     ap.add_argument("--json", default=None)

@@ -12,7 +12,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import fp_row, print_table, quantized_row, select
+from common import add_common_args, fp_row, print_table, quantized_row, select
 
 
 def configs(bits: int, gs: int, nsamples: int, betas: list[float], saliencies: list[str]) -> list[tuple[str, list[str]]]:
@@ -27,11 +27,7 @@ def configs(bits: int, gs: int, nsamples: int, betas: list[float], saliencies: l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--text", default="default")
-    ap.add_argument("--max-tokens", type=int, default=8192)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--nsamples", type=int, default=64)
+    add_common_args(ap)
     ap.add_argument("--bits", default="3,4")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--betas", default="0.05,0.1,0.2,0.5")

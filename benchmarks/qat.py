@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import folder_bytes, fp_row, lowbit, print_table, quantized_row
+from common import add_common_args, folder_bytes, fp_row, lowbit, print_table, quantized_row
 
 
 def dlqat_row(name: str, a: argparse.Namespace, steps: int, rank: int, init: str, init_s: float, tmp: Path) -> dict:
@@ -43,11 +43,7 @@ def dlqat_row(name: str, a: argparse.Namespace, steps: int, rank: int, init: str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--text", default="default")
-    ap.add_argument("--max-tokens", type=int, default=8192)
-    ap.add_argument("--seqlen", type=int, default=512, help="evaluation and GPTQ calibration window")
-    ap.add_argument("--nsamples", type=int, default=64, help="GPTQ calibration windows")
+    add_common_args(ap)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--steps", default="50,200")

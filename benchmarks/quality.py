@@ -11,16 +11,12 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import fp_row, print_table, quantized_row
+from common import add_common_args, fp_row, print_table, quantized_row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--text", default="default")
-    ap.add_argument("--max-tokens", type=int, default=20480)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--nsamples", type=int, default=64)
+    add_common_args(ap, max_tokens=20480)
     ap.add_argument("--configs", default="w4g64,w4g128,w3g64")
     ap.add_argument("--methods", default="rtn,gptq")
     ap.add_argument("--json", default=None)

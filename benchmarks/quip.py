@@ -21,7 +21,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from common import fp_row, print_table, quantized_row, select
+from common import add_common_args, fp_row, print_table, quantized_row, select
 
 
 def configs(bits: int, nsamples: int, ft_steps: int) -> list[tuple[str, list[str]]]:
@@ -38,11 +38,7 @@ def configs(bits: int, nsamples: int, ft_steps: int) -> list[tuple[str, list[str
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--text", default="default")
-    ap.add_argument("--max-tokens", type=int, default=8192)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--nsamples", type=int, default=64)
+    add_common_args(ap)
     ap.add_argument("--bits", default="2,3,4")
     ap.add_argument("--ft-steps", type=int, default=50)
     ap.add_argument("--threads", default="1", help="OMP_NUM_THREADS of the subprocesses ('' = leave as is)")

@@ -71,6 +71,17 @@ def check_out(out_dir: str | os.PathLike, probe: bool = False) -> None:
             raise LowbitError(f"--out '{out}': cannot write there ({e.strerror or e})") from None
 
 
+def swap_into_place(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` at ``out``: renamed in place, an existing ``out`` moved aside
+    first and deleted after, so ``out`` is always either the old or the new complete folder."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
 def save(out_dir: str | os.PathLike, model: nn.Module, tokenizer, meta: dict, dtype: torch.dtype = torch.float16) -> Path:
     """Write ``model`` (with its :class:`QuantLinear` layers), tokenizer and ``meta`` to ``out_dir``."""
     from safetensors.torch import save_file
@@ -95,13 +106,7 @@ def save(out_dir: str | os.PathLike, model: nn.Module, tokenizer, meta: dict, dt
         full = {"format": FORMAT, "format_version": FORMAT_VERSION, "dtype": str(dtype).replace("torch.", ""), **meta,
                 "weights_sha256": _sha256(tmp / WEIGHTS_FILE)}
         (tmp / META_FILE).write_text(json.dumps(full, indent=1, sort_keys=False) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        swap_into_place(tmp, out)
     except (OSError, SafetensorError) as e:  # safetensors reports its own I/O errors (disk full) as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         why = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import LowbitError
+from ..packed.checkpoint import swap_into_place
 from .collect import Entry, collect_fp, collect_lowbit, read_json, unique_labels
 
 
@@ -90,13 +91,7 @@ def write_report(dirs: list[str], out: str | os.PathLike, *, fp: str | None = No
         md = render(entries, fp_entry, plots, text=text, tolerance=tolerance, command=command)
         (tmp / "report.md").write_text(md, encoding="utf-8")
         os.chmod(tmp, 0o755)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        swap_into_place(tmp, out)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise LowbitError(f"--out '{out}': writing the report failed ({e.strerror or e})") from None
