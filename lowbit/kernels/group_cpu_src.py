@@ -29,6 +29,10 @@ _SOURCE = r"""
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #define LOWBIT_BF16 1  // bf16 dot products: 32 weights per instruction
 #endif
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#include <cstring>
+#define LOWBIT_AVX2 1  // 8-lane fp32 path for CPUs without AVX-512 (contiguous groups, gs % 8 == n % 8 == 0)
 #endif
 
 namespace {
@@ -135,6 +139,66 @@ inline float row_dot(const Layout& L, const Unpacker& U, const uint8_t* row, con
 @BF16@
 #endif
 
+#ifdef LOWBIT_AVX2
+// 8 consecutive codes occupy exactly b bytes starting at byte b*c (c = chunk of 8 columns): one 16-byte
+// load (copied through a buffer at the end of a row) + broadcast to both 128-bit lanes + in-lane byte
+// shuffle + per-lane variable shift + AND gives them as int32 lanes, for every width b = 1..8.
+struct Unpacker8 {
+  __m256i idx, shift, mask; int bits; int64_t row_bytes;
+  Unpacker8(int b, int64_t rb) : bits(b), row_bytes(rb) {
+    alignas(32) int8_t ix[32]; alignas(32) int32_t sh[8];
+    for (int l = 0; l < 8; ++l) {
+      const int bit = l * b, byte = bit >> 3;
+      for (int q = 0; q < 4; ++q) ix[4 * l + q] = int8_t(-128);
+      ix[4 * l] = int8_t(byte); ix[4 * l + 1] = int8_t(byte + 1);
+      sh[l] = bit & 7;
+    }
+    idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(ix));
+    shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(sh));
+    mask = _mm256_set1_epi32((1 << b) - 1);
+  }
+  inline __m256 codes(const uint8_t* row, int64_t c) const {  // the 8 codes of chunk c as floats
+    const int64_t off = int64_t(bits) * c;
+    __m128i raw;
+    if (off + 16 <= row_bytes) {
+      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + off));
+    } else {
+      alignas(16) uint8_t tmp[16] = {0};
+      std::memcpy(tmp, row + off, size_t(row_bytes - off));
+      raw = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+    }
+    const __m256i v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw), idx);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, shift), mask));
+  }
+};
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// One weight row dot one token x: per group two accumulators of (q - z) * x, scaled once per group.
+inline float row_dot8(const Layout& L, const Unpacker8& U, const uint8_t* row, const float* sf, const float* zf,
+                      const float* x) {
+  const int64_t nch = L.n / 8, cpg = L.gs / 8;
+  __m256 tot = _mm256_setzero_ps();
+  int64_t c = 0;
+  for (int64_t g = 0; c < nch; ++g) {
+    const int64_t ce = std::min(c + cpg, nch);
+    const __m256 z = _mm256_set1_ps(zf[g]);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (; c + 1 < ce; c += 2) {
+      a0 = _mm256_fmadd_ps(_mm256_sub_ps(U.codes(row, c), z), _mm256_loadu_ps(x + 8 * c), a0);
+      a1 = _mm256_fmadd_ps(_mm256_sub_ps(U.codes(row, c + 1), z), _mm256_loadu_ps(x + 8 * c + 8), a1);
+    }
+    if (c < ce) { a0 = _mm256_fmadd_ps(_mm256_sub_ps(U.codes(row, c), z), _mm256_loadu_ps(x + 8 * c), a0); ++c; }
+    tot = _mm256_fmadd_ps(_mm256_set1_ps(sf[g]), _mm256_add_ps(a0, a1), tot);
+  }
+  return hsum8(tot);
+}
+#endif
+
 void row_scalar(const Layout& L, int64_t i, const float* sf, const float* zf, const float* x, int64_t ldx,
                 int64_t T, float* out, int64_t ldo) {
   const uint8_t* row = L.qw + i * L.row_bytes;
@@ -181,6 +245,8 @@ at::Tensor gemm(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tensor 
   at::Tensor xpad = npad == n ? x : at::constant_pad_nd(x, {0, npad - n});  // whole chunks, zeros past n
   const float* xp = xpad.data_ptr<float>();
   float* yp = y.data_ptr<float>();
+  const bool fast8 = !L.gidx && L.gs % 8 == 0 && L.n % 8 == 0;  // the AVX2 path applies
+  (void)fast8;
 #ifdef LOWBIT_AVX512
   const std::vector<Seg> segs = segments(L);
 #endif
@@ -201,6 +267,9 @@ at::Tensor gemm(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tensor 
 #endif
 #ifdef LOWBIT_BF16
     const Unpacker32 U32(std::min(L.bits, 7));
+#endif
+#ifdef LOWBIT_AVX2
+    const Unpacker8 U8(L.bits, L.row_bytes);
 #endif
     for (int64_t i = begin; i < end; ++i) {
 #ifdef LOWBIT_BF16
@@ -225,6 +294,13 @@ at::Tensor gemm(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tensor 
 #ifdef LOWBIT_AVX512
       for (int64_t t = 0; t < M; ++t)
         yp[t * L.m + i] = row_dot(L, U, L.qw + i * L.row_bytes, sf.data(), zf.data(), segs, xp + t * npad);
+#elif defined(LOWBIT_AVX2)
+      if (fast8) {
+        for (int64_t t = 0; t < M; ++t)
+          yp[t * L.m + i] = row_dot8(L, U8, L.qw + i * L.row_bytes, sf.data(), zf.data(), xp + t * npad);
+      } else {
+        row_scalar(L, i, sf.data(), zf.data(), xp, npad, M, yp + i, L.m);
+      }
 #else
       row_scalar(L, i, sf.data(), zf.data(), xp, npad, M, yp + i, L.m);
 #endif
@@ -238,10 +314,15 @@ at::Tensor dequantize(at::Tensor qweight, at::Tensor scales, at::Tensor qzeros, 
   const Layout L = make_layout(qweight, scales, qzeros, g_idx, n, bits, gs);
   at::Tensor w = at::empty({L.m, n}, qweight.options().dtype(at::kFloat));
   float* wp = w.data_ptr<float>();
+  const bool fast8 = !L.gidx && L.gs % 8 == 0 && n % 8 == 0;  // the AVX2 path applies
+  (void)fast8;
   at::parallel_for(0, L.m, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> sf(L.G + 16), zf(L.G + 16);
 #ifdef LOWBIT_AVX512
     const Unpacker U(L.bits);
+#endif
+#ifdef LOWBIT_AVX2
+    const Unpacker8 U8(L.bits, L.row_bytes);
 #endif
     for (int64_t i = begin; i < end; ++i) {
       row_params(L, i, sf.data(), zf.data());
@@ -263,6 +344,16 @@ at::Tensor dequantize(at::Tensor qweight, at::Tensor scales, at::Tensor qzeros, 
         _mm512_mask_storeu_ps(o + c0, tail_mask(n, c0), v);
       }
 #else
+#ifdef LOWBIT_AVX2
+      if (fast8) {  // s * (q - z) lane by lane: the same two fp32 operations as the reference
+        for (int64_t c = 0; c < n / 8; ++c) {
+          const int64_t g = 8 * c / L.gs;
+          _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(_mm256_set1_ps(sf[g]),
+                                                    _mm256_sub_ps(U8.codes(row, c), _mm256_set1_ps(zf[g]))));
+        }
+        continue;
+      }
+#endif
       for (int64_t j = 0; j < n; ++j) {
         const int64_t g = group_of(L, j);
         o[j] = sf[g] * (float(code_at(row, L.row_bytes, j, L.bits)) - zf[g]);
@@ -281,6 +372,14 @@ bool has_bf16() {
 #endif
 }
 
+bool has_avx2() {
+#ifdef LOWBIT_AVX2
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool has_avx512() {
 #ifdef LOWBIT_AVX512
   return true;
@@ -293,6 +392,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "y = x @ W^T for a packed group-wise int weight (fp32)");
   m.def("dequantize", &dequantize, "W^ (m, n) fp32 from a packed group-wise int weight");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
+  m.def("has_avx2", &has_avx2, "whether the AVX2 path (CPUs without AVX-512) was compiled");
   m.def("has_bf16", &has_bf16, "whether the AVX-512 BF16 dot-product path was compiled");
 }
 """
