@@ -9,7 +9,8 @@ The kernel reads the canonical packed tensors as they are (no repacking, no extr
   instead of 4 (fp32) or 2 (bf16).  With AVX-512 BF16 (b ≤ 7, contiguous groups of a multiple of 32)
   the codes become exact bf16 numbers and ``x`` is split into 1 (bf16), 2 (fp16) or 3 (fp32) bf16
   parts that sum to it exactly, so the products are exact and only the fp32 summation order differs
-  from the reference; otherwise an fp32 FMA path (any width, group size, ``g_idx``);
+  from the reference; otherwise an fp32 FMA path: AVX-512 (any width, group size, ``g_idx``),
+  AVX2 (8 lanes; contiguous groups, group size and ``n`` multiples of 8) or scalar;
 * many tokens (prefill): ``Ŵ = s·(q − z)`` is written to a temporary fp32 ``(m, n)`` by the kernel
   (bit-identical to the reference dequantization, freed after the call) and multiplied by the BLAS
   GEMM of ``x.dtype``, so prefill is exactly the reference computation, only faster.

@@ -157,18 +157,19 @@ struct Unpacker8 {
     shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(sh));
     mask = _mm256_set1_epi32((1 << b) - 1);
   }
-  inline __m256 codes(const uint8_t* row, int64_t c) const {  // the 8 codes of chunk c as floats
-    const int64_t off = int64_t(bits) * c;
-    __m128i raw;
-    if (off + 16 <= row_bytes) {
-      raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + off));
-    } else {
-      alignas(16) uint8_t tmp[16] = {0};
-      std::memcpy(tmp, row + off, size_t(row_bytes - off));
-      raw = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
-    }
+  inline __m256 unpack(__m128i raw) const {
     const __m256i v = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(raw), idx);
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, shift), mask));
+  }
+  inline __m256 codes_fast(const uint8_t* row, int64_t c) const {  // chunk c when b*c + 16 <= row_bytes
+    return unpack(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + int64_t(bits) * c)));
+  }
+  inline __m256 codes(const uint8_t* row, int64_t c) const {  // the 8 codes of chunk c as floats, any c
+    const int64_t off = int64_t(bits) * c;
+    if (off + 16 <= row_bytes) return codes_fast(row, c);
+    alignas(16) uint8_t tmp[16] = {0};
+    std::memcpy(tmp, row + off, size_t(row_bytes - off));
+    return unpack(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
   }
 };
 
@@ -182,17 +183,18 @@ inline float hsum8(__m256 v) {
 inline float row_dot8(const Layout& L, const Unpacker8& U, const uint8_t* row, const float* sf, const float* zf,
                       const float* x) {
   const int64_t nch = L.n / 8, cpg = L.gs / 8;
+  const int64_t safe = std::max<int64_t>(0, std::min(nch, (L.row_bytes - 16) / U.bits + 1));  // chunks c < safe: no overread
   __m256 tot = _mm256_setzero_ps();
   int64_t c = 0;
   for (int64_t g = 0; c < nch; ++g) {
-    const int64_t ce = std::min(c + cpg, nch);
+    const int64_t ce = std::min(c + cpg, nch), cf = std::min(ce, safe);
     const __m256 z = _mm256_set1_ps(zf[g]);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-    for (; c + 1 < ce; c += 2) {
-      a0 = _mm256_fmadd_ps(_mm256_sub_ps(U.codes(row, c), z), _mm256_loadu_ps(x + 8 * c), a0);
-      a1 = _mm256_fmadd_ps(_mm256_sub_ps(U.codes(row, c + 1), z), _mm256_loadu_ps(x + 8 * c + 8), a1);
+    for (; c + 1 < cf; c += 2) {
+      a0 = _mm256_fmadd_ps(_mm256_sub_ps(U.codes_fast(row, c), z), _mm256_loadu_ps(x + 8 * c), a0);
+      a1 = _mm256_fmadd_ps(_mm256_sub_ps(U.codes_fast(row, c + 1), z), _mm256_loadu_ps(x + 8 * c + 8), a1);
     }
-    if (c < ce) { a0 = _mm256_fmadd_ps(_mm256_sub_ps(U.codes(row, c), z), _mm256_loadu_ps(x + 8 * c), a0); ++c; }
+    for (; c < ce; ++c) a0 = _mm256_fmadd_ps(_mm256_sub_ps(U.codes(row, c), z), _mm256_loadu_ps(x + 8 * c), a0);
     tot = _mm256_fmadd_ps(_mm256_set1_ps(sf[g]), _mm256_add_ps(a0, a1), tot);
   }
   return hsum8(tot);
