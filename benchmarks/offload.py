@@ -50,6 +50,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--work", default=None, help="working folder (kept; the built model is reused)")
+    ap.add_argument("--modes", default="none,disk", help="runs to (re)do; the others are read from --work")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="lowbit-offload-"))
@@ -61,6 +62,10 @@ def main() -> None:
     rows = {}
     for mode in ("none", "disk"):
         out, js = work / f"q-{mode}", work / f"q-{mode}.json"
+        if mode not in a.modes.split(",") and js.exists():  # reuse an earlier run's result
+            q = json.loads(js.read_text())
+            rows[mode] = {"peak_rss_bytes": q["peak_rss_bytes"], "seconds": q["seconds"]}
+            continue
         lowbit("quantize", str(src), "--method", "gptq", "--bits", "4", "--group-size", "64", "--calib",
                str(src / "calib.txt"), "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
                "--offload", mode, "--out", str(out), "--json", str(js))

@@ -103,9 +103,8 @@ class DiskOffload:
         for path, items in wanted.items():
             with safe_open(str(path), framework="pt") as f:
                 for sub, leaf, key, grad in items:
-                    t = f.get_tensor(key)
-                    if t.is_floating_point():
-                        t = t.to(self.dtype)
+                    t = f.get_tensor(key)  # a view of the file's mmap: copy it, or every page read stays mapped
+                    t = t.to(self.dtype if t.is_floating_point() else t.dtype, copy=True)  # (and counted in RSS)
                     sub._parameters[leaf] = nn.Parameter(t, requires_grad=grad and t.is_floating_point())
 
     def materialize(self, i: int) -> None:
