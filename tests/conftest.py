@@ -6,6 +6,7 @@ byte-level BPE trained in the test on generated text.
 from __future__ import annotations
 
 import random
+import shutil
 
 import pytest
 import torch
@@ -98,3 +99,11 @@ def tiny_models(tmp_path_factory, tiny_text):
     root = tmp_path_factory.mktemp("models")
     text = tiny_text.read_text()
     return {f: build_tiny_model(f, root / f, text) for f in FAMILIES}
+
+
+@pytest.fixture
+def broken(ckpt, tmp_path):
+    """A writable copy of the test module's own ``ckpt`` fixture, for tests that damage a checkpoint."""
+    dst = tmp_path / "broken"
+    shutil.copytree(ckpt, dst)
+    return dst

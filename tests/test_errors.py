@@ -20,13 +20,6 @@ def ckpt(tiny_models, tiny_text, tmp_path_factory):
     return out
 
 
-@pytest.fixture
-def broken(ckpt, tmp_path):
-    dst = tmp_path / "broken"
-    shutil.copytree(ckpt, dst)
-    return dst
-
-
 def run_cli(capsys, *args):
     code = main(list(args))
     err = capsys.readouterr().err

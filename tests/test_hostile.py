@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 import lowbit
 from lowbit import api
-from lowbit.cli import main
 from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.packed.qweight import FORMATS, FormatError, from_tensors
@@ -169,13 +168,6 @@ def ckpt(tiny_models, tiny_text, tmp_path_factory):
     lowbit.quantize(str(tiny_models["llama"]), bits=3, group_size=32, source=str(tiny_text), out=out, nsamples=4,
                     seqlen=64, progress=False)
     return out
-
-
-@pytest.fixture
-def broken(ckpt, tmp_path):
-    dst = tmp_path / "broken"
-    shutil.copytree(ckpt, dst)
-    return dst
 
 
 def _header_len(f: Path) -> int:
