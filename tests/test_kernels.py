@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowbit import kernels
-from lowbit.kernels import group_cpu, reference
+from lowbit.kernels import group_cpu, outliers, reference
 from lowbit.packed.qlinear import QuantLinear
 from lowbit.packed.qweight import GroupQuantWeight, OutlierQuantWeight
 
@@ -36,9 +36,58 @@ def test_group_cpu_matches_reference(bits, m, n, gs, sym, g_idx):
     assert torch.equal(group_cpu.dequantize(p), reference.dequantize(p))  # bit for bit
     for tokens in (1, 3, group_cpu.GEMV_MAX_TOKENS + 5):  # GEMV path and dequantize+GEMM path
         x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens))
-        y, ref = group_cpu.matmul(p, x), reference.matmul(p, x)
+        y, ref = group_cpu.matmul(p, x, int8_act=False), reference.matmul(p, x)
         assert y.shape == ref.shape == (tokens, m)
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+Q8_CASES = [(bits, m, n, gs) for bits in (2, 4, 8)
+            for (m, n, gs) in ((48, 576, 64), (40, 1536, 128), (33, 640, -1), (17, 576, 128))
+            if bits != 2 or n % 64 == 0]
+
+
+@fast
+@pytest.mark.skipif(not group_cpu.available() or not group_cpu._state["module"].has_q8(), reason="no int8 path")
+@pytest.mark.parametrize("bits,m,n,gs", Q8_CASES)
+@pytest.mark.parametrize("sym", [True, False])
+def test_int8_activation_path_is_exactly_xhat_times_w(bits, m, n, gs, sym):
+    """Decode with int8 activations: equal to ``x̂ Ŵᵀ`` (x̂ the int8-rounded blocks) up to fp32 summation
+    order, and within the rounding error of ``x Ŵᵀ``; many tokens still take the exact path."""
+    gs = n if gs == -1 else gs
+    p = random_weight(m, n, bits, gs, sym, seed=bits * 7 + n)
+    assert group_cpu.int8_supported(p)
+    qb = 64 if bits == 2 else 32
+    for tokens in (1, 3):
+        x = torch.randn(tokens, n, generator=torch.Generator().manual_seed(tokens)) * 3
+        x[0, 5] = 40.0  # an outlier channel: its block gets a coarse scale, the others do not care
+        y = group_cpu.matmul(p, x, int8_act=True)
+        xhat = reference.int8_blocks(x, qb)
+        ref_hat, ref = xhat @ p.dequantize().T, reference.matmul(p, x)
+        assert torch.allclose(y, ref_hat, rtol=1e-5, atol=2e-5 * ref_hat.abs().max().item())
+        assert not torch.equal(xhat, x)
+        rel = ((y - ref).norm() / ref.norm()).item()
+        assert 1e-5 < rel < 0.03, rel  # really rounded, and only a little
+    x = torch.randn(group_cpu.GEMV_MAX_TOKENS + 1, n)
+    assert torch.allclose(group_cpu.matmul(p, x, int8_act=True), reference.matmul(p, x), rtol=1e-5,
+                          atol=1e-5 * reference.matmul(p, x).abs().max().item())
+
+
+def test_int8_blocks_rounding():
+    x = torch.tensor([[127.0, -63.4, 0.5, 1.5] + [0.0] * 28, [0.0] * 32])
+    xh = reference.int8_blocks(x, 32)
+    assert xh[0, :4].tolist() == [127.0, -63.0, 0.0, 2.0]  # d = 1: half to even
+    assert torch.equal(xh[1], torch.zeros(32))  # an all-zero block stays zero (no 0/0)
+
+
+@fast
+def test_int8_path_not_used_where_it_does_not_apply():
+    assert not group_cpu.int8_supported(random_weight(8, 576, 3, 64, False))         # 3-bit
+    assert not group_cpu.int8_supported(random_weight(8, 576, 2, 32, False))         # 2-bit needs 64-blocks
+    assert not group_cpu.int8_supported(random_weight(8, 100, 4, 32, False))         # n % 32
+    assert not group_cpu.int8_supported(random_weight(8, 576, 4, 64, False, g_idx=True))
+    p = random_weight(8, 576, 3, 64, False)
+    x = torch.randn(1, 576)
+    assert torch.allclose(group_cpu.matmul(p, x, int8_act=True), reference.matmul(p, x), rtol=1e-5, atol=1e-5)
 
 
 @fast
@@ -63,9 +112,32 @@ def test_dispatcher_picks_fast_kernel_and_falls_back():
     mask = torch.zeros(32, 64, dtype=torch.bool)
     mask[3, 5] = True
     outl = OutlierQuantWeight.from_dense(p, torch.randn(32, 64), mask)  # another format kind
-    assert kernels.kernel_name(outl, x) == "reference"
     x = torch.randn(1, 64)
-    assert torch.allclose(kernels.matmul(outl, x), x @ outl.dequantize().T)
+    assert kernels.kernel_name(outl, x) == "outliers"
+    with kernels.use_backend("reference"):
+        assert kernels.kernel_name(outl, x) == "reference"
+    x = torch.randn(1, 64)
+    assert torch.allclose(kernels.matmul(outl, x), x @ outl.dequantize().T, rtol=0.03, atol=0.03)
+
+
+@fast
+@pytest.mark.parametrize("tokens", [1, 3, group_cpu.GEMV_MAX_TOKENS + 3])
+@pytest.mark.parametrize("g_idx", [False, True])
+def test_outlier_kernel_matches_reference(tokens, g_idx):
+    """GWQ's dense + sparse fp16 weight: the fast path equals ``x Ŵᵀ`` (exact backend), the outliers
+    really contribute, and the int8-activation variant stays within rounding error."""
+    gen = torch.Generator().manual_seed(tokens)
+    dense = random_weight(96, 576, 4, 64, False, g_idx=g_idx, seed=5)
+    mask = torch.rand(96, 576, generator=gen) < 0.01
+    outl = OutlierQuantWeight.from_dense(dense, torch.randn(96, 576, generator=gen) * 2, mask)
+    x = torch.randn(tokens, 576, generator=gen)
+    ref = reference.matmul(outl, x)
+    y = outliers.matmul(outl, x)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    assert not torch.allclose(y, reference.matmul(dense, x), rtol=1e-3, atol=1e-3)  # the sparse part counts
+    y8 = outliers.matmul(outl, x, int8_act=True)
+    assert ((y8 - ref).norm() / ref.norm()).item() < 0.03
+    assert kernels.kernel_name(outl, x) == "outliers"
 
 
 def test_fallback_when_kernel_unavailable(monkeypatch):

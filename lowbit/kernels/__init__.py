@@ -5,13 +5,21 @@
 
 * :mod:`.group_cpu` — compiled CPU kernel reading the canonical ``GroupQuantWeight`` layout
   (kind ``"int"``, 1–8 bits, any group size, partial last group, sym/asym, ``g_idx``);
+* :mod:`.outliers` — GWQ's ``"int+outliers"``: the same kernel for the dense part + a sparse gather;
+* :mod:`.quip_cpu` — QuIP#'s E8P/RVQ codes decoded on the fly (``"quip"``, codebook ``e8p``);
 * :mod:`.reference` — ``x @ packed.dequantize(x.dtype).T`` for everything else: other formats
-  (``"int+outliers"``, ``"bin+int"``, formats added later), CUDA tensors, inputs that need gradients,
+  (``"bin+int"``, formats added later), CUDA tensors, inputs that need gradients,
   or when the fast kernel cannot be built (no C++ compiler); that fallback is announced once with
   :func:`warnings.warn`.
 
-The backend is ``"auto"`` unless ``LOWBIT_KERNELS=reference`` is set or :func:`use_backend` says
-otherwise (tests use it to compare the two paths on the same model).
+Backends (``LOWBIT_KERNELS=…`` or :func:`use_backend`; tests use it to compare paths on the same model):
+
+* ``"auto"`` (default) — fast kernels; batch-1 decoding of 2/4/8-bit weights rounds the activations to
+  int8 blocks of 32 (64 for 2-bit) and uses integer dot products, as llama.cpp's Q8 activations do
+  (relative output error ≈ 0.5 %); prefill (many tokens) is exact;
+* ``"exact"`` — fast kernels, float activations everywhere (the result of ``"reference"`` up to fp32
+  summation order);
+* ``"reference"`` — the PyTorch reference for everything.
 """
 from __future__ import annotations
 
@@ -21,17 +29,19 @@ import warnings
 
 import torch
 
-from . import group_cpu, reference
+from . import group_cpu, outliers, quip_cpu, reference
 
 __all__ = ["matmul", "kernel_name", "use_backend", "backend", "warm_up"]
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "exact", "reference")
+_MODULES = {"group_cpu": group_cpu, "outliers": outliers, "quip_cpu": quip_cpu}
+_INT8_ACT = ("group_cpu", "outliers")  # kernels with an int8-activation decode path
 _backend = os.environ.get("LOWBIT_KERNELS", "auto")
 _warned: set[str] = set()
 
 
 def backend() -> str:
-    """The active backend: ``"auto"`` (fast kernels where available) or ``"reference"``."""
+    """The active backend: ``"auto"``, ``"exact"`` or ``"reference"`` (see the module doc)."""
     return _backend
 
 
@@ -55,23 +65,28 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def kernel_name(packed, x: torch.Tensor | None = None) -> str:
-    """Name of the kernel :func:`matmul` would use: ``"group_cpu"`` or ``"reference"``."""
+    """Name of the kernel :func:`matmul` would use: a key of ``_MODULES`` or ``"reference"``."""
     x = torch.empty(0) if x is None else x
     if _backend == "reference" or (x.requires_grad and torch.is_grad_enabled()):
         return "reference"
-    if group_cpu.supports(packed, x):
-        if group_cpu.available():  # compiles on the first call only
-            return "group_cpu"
-        _warn_once("group_cpu", "lowbit: the fast CPU kernel is unavailable, using the slower reference path "
-                   f"({group_cpu.unavailable_reason()})")
+    for name, mod in _MODULES.items():
+        if not mod.supports(packed, x):
+            continue
+        if mod.available():  # compiles on the first call only
+            return name
+        _warn_once(name, f"lowbit: the fast CPU kernel ({name}) is unavailable, using the slower reference path "
+                   f"({mod.unavailable_reason()})")
     return "reference"
 
 
 def matmul(packed, x: torch.Tensor) -> torch.Tensor:
     """``y = x Ŵᵀ`` with the fastest kernel available for ``packed``'s format (see module doc)."""
-    if kernel_name(packed, x) == "group_cpu":
-        return group_cpu.matmul(packed, x)
-    return reference.matmul(packed, x)
+    name = kernel_name(packed, x)
+    if name == "reference":
+        return reference.matmul(packed, x)
+    if name in _INT8_ACT:
+        return _MODULES[name].matmul(packed, x, int8_act=_backend == "auto")
+    return _MODULES[name].matmul(packed, x)
 
 
 def warm_up() -> bool:

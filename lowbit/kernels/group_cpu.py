@@ -23,66 +23,22 @@ compiles; :func:`available` does, once per process, and returns ``False`` (with 
 """
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import platform
-import threading
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
+from .build import load_extension
 from .group_cpu_src import SOURCE
 
-log = logging.getLogger("lowbit.kernels")
-
 GEMV_MAX_TOKENS = 4  # above this many rows of x, dequantize-to-temporary + GEMM measured faster
-_lock = threading.Lock()
 _state: dict = {}
 _EMPTY = torch.empty(0, dtype=torch.int32)
 # bf16 parts that represent x exactly (8 significant bits each): bf16 1, fp16 (11 bits) 2, fp32 (24) 3
 _SPLITS = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
 
 
-def _build_dir() -> Path:
-    root = Path(os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit")
-    return root / "kernels"
-
-
-def _cpu_id() -> str:
-    """Identifies the CPU, since the build uses ``-march=native``."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [l for l in f if l.startswith(("model name", "flags"))][:2]
-    except OSError:
-        lines = [platform.processor()]
-    return "".join(lines) + torch.backends.cpu.get_cpu_capability()
-
-
 def _load():
     """Compile (first time on this machine) and import the extension; ``None`` if that fails."""
-    module = _state.get("module")
-    if module is not None:
-        return module
-    with _lock:
-        if "module" in _state or "error" in _state:
-            return _state.get("module")
-        try:
-            from torch.utils.cpp_extension import load_inline
-
-            key = hashlib.sha256((SOURCE + torch.__version__ + _cpu_id()).encode()).hexdigest()[:12]
-            name = f"lowbit_group_cpu_{key}"
-            build = _build_dir() / name
-            build.mkdir(parents=True, exist_ok=True)
-            if not any(build.glob("*.so")):
-                log.warning("lowbit: compiling the CPU kernel into %s (once per machine, about a minute)", build)
-            _state["module"] = load_inline(name, cpp_sources=[SOURCE], build_directory=str(build), verbose=False,
-                                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
-        except Exception as e:  # no compiler, no headers, read-only cache…: fall back, say why
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            _state["error"] = f"{type(e).__name__}: {first[:300]}"
-        return _state.get("module")
+    return load_extension(_state, "lowbit_group_cpu", SOURCE, ["-O3", "-march=native", "-fopenmp"], "CPU kernel")
 
 
 def available() -> bool:
@@ -111,10 +67,26 @@ def dequantize(packed) -> torch.Tensor:
     return _load().dequantize(*_args(packed), packed.shape[1], packed.bits, packed.group_size)
 
 
-def matmul(packed, x: torch.Tensor) -> torch.Tensor:
-    """``y = x Ŵᵀ``: ``x`` (…, n) float -> (…, m) in ``x.dtype`` (no bias)."""
+def int8_supported(packed) -> bool:
+    """Whether the int8-activation decode path applies: AVX2 build, 2/4/8-bit codes, contiguous groups,
+    ``n`` and the group size multiples of the activation block (32; 64 for 2-bit)."""
+    qb = 64 if packed.bits == 2 else 32
+    return (packed.bits in (2, 4, 8) and packed.g_idx is None and packed.shape[1] % qb == 0
+            and packed.group_size % qb == 0 and _load() is not None and _state["module"].has_q8())
+
+
+def matmul(packed, x: torch.Tensor, int8_act: bool = False) -> torch.Tensor:
+    """``y = x Ŵᵀ``: ``x`` (…, n) float -> (…, m) in ``x.dtype`` (no bias).
+
+    ``int8_act``: for few tokens, round ``x`` to int8 blocks first and use integer dot products (see
+    :mod:`.group_cpu_q8_src`) where :func:`int8_supported`; the result is then exactly ``x̂ Ŵᵀ`` with
+    ``x̂ =`` :func:`lowbit.kernels.reference.int8_blocks` ``(x)`` (up to fp32 summation order)."""
     m, n = packed.shape
     x2 = x.reshape(-1, n)
+    if x2.shape[0] <= GEMV_MAX_TOKENS and int8_act and int8_supported(packed):
+        y = _state["module"].gemm_q8(x2, packed.qweight, packed.scales, _args(packed)[2], packed.bits,
+                                     packed.group_size)
+        return y.view(*x.shape[:-1], m)
     if x2.shape[0] <= GEMV_MAX_TOKENS:
         y = _state["module"].gemm(x2, *_args(packed), packed.bits, packed.group_size, _SPLITS[x.dtype])
         return y.view(*x.shape[:-1], m)  # in x.dtype (the kernel computes in fp32 and casts back)

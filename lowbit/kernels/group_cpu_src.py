@@ -2,10 +2,11 @@
 
 Kept as a Python string so it ships inside the package without package-data settings.  The bf16
 dot-product part lives in :mod:`.group_cpu_bf16_src`, the AVX2 part in
-:mod:`.group_cpu_avx2_src`."""
+:mod:`.group_cpu_avx2_src`, the int8-activation decode path in :mod:`.group_cpu_q8_src`."""
 
 from .group_cpu_avx2_src import AVX2_PART
 from .group_cpu_bf16_src import BF16_PART
+from .group_cpu_q8_src import Q8_PART
 
 _SOURCE = r"""
 // lowbit group-wise integer kernels for the CPU, reading the canonical packed layout directly.
@@ -307,6 +308,15 @@ at::Tensor dequantize(at::Tensor qweight, at::Tensor scales, at::Tensor qzeros, 
   return w;
 }
 
+@Q8@
+bool has_q8() {
+#ifdef LOWBIT_Q8
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool has_bf16() {
 #ifdef LOWBIT_BF16
   return true;
@@ -334,10 +344,14 @@ bool has_avx512() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "y = x @ W^T for a packed group-wise int weight (fp32)");
   m.def("dequantize", &dequantize, "W^ (m, n) fp32 from a packed group-wise int weight");
+#ifdef LOWBIT_Q8
+  m.def("gemm_q8", &gemm_q8, "y = x^ @ W^T with x rounded to int8 blocks (AVX2 integer dot products; 2/4/8 bits)");
+#endif
+  m.def("has_q8", &has_q8, "whether the int8-activation path (gemm_q8) was compiled");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");
   m.def("has_avx2", &has_avx2, "whether the AVX2 path (CPUs without AVX-512) was compiled");
   m.def("has_bf16", &has_bf16, "whether the AVX-512 BF16 dot-product path was compiled");
 }
 """
 
-SOURCE = _SOURCE.replace("@BF16@", BF16_PART).replace("@AVX2@", AVX2_PART)
+SOURCE = _SOURCE.replace("@BF16@", BF16_PART).replace("@AVX2@", AVX2_PART).replace("@Q8@", Q8_PART)

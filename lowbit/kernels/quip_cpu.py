@@ -1,0 +1,147 @@
+"""Fast CPU kernel for :class:`~lowbit.packed.quipw.QuipWeight` (kind ``"quip"``, codebook ``"e8p"``, 2–4 bits).
+
+``y = x Wᵀ`` with ``W = Uᵀ W̃ V`` (see :mod:`lowbit.packed.quipw`) is computed as
+``y = rht_inverse(xv @ W̃ᵀ, s_u, out_kind)``, ``xv = rht_forward(x, s_v, in_kind)``: the two O(n log n)
+transforms (the Hadamard kind in the kernel, one call each, the same operations in the same order as
+:mod:`lowbit.quip.hadamard`; the FFT kind in torch) and the middle product, which is the kernel's.
+The kernel reads the stored codes as they are — ``codes`` int16 ``(m, n/8)`` (E8P) and, for 3/4 bits,
+``codes2`` uint8 (E8 residual) or int16 (second E8P stage) — and the stage ``scales``:
+
+* few tokens (``M ≤ GEMV_MAX_TOKENS``, i.e. decoding): fused decode-and-dot, ``W̃`` is never materialised.
+  Per 8-weight E8P code: 8 floats of the abs pattern from a 256×8 table (parity of coordinate 7 folded in),
+  signs flipped by XOR with a 128×8 mask table indexed by the 7 sign bits, FMA with the 8 values of ``x``;
+  the ±¼ shift is applied as ``¼·Σ_c ±Σ(x chunk)`` in a separate 8-codes-per-step pass; one scale per
+  stage per row.  AVX2+FMA where the CPU has it (8 lanes), a portable scalar loop otherwise;
+* many tokens (prefill): ``W̃`` (m, n) fp32 is decoded once into a temporary by the kernel (bit-identical
+  to :meth:`QuipWeight.rotated`) and multiplied with BLAS, i.e. exactly :meth:`QuipWeight.matmul`, faster.
+
+Math is fp32 whatever ``x.dtype`` (like :meth:`QuipWeight.matmul`); the result is cast back to ``x.dtype``.
+The C++ source (:mod:`.quip_cpu_src`) is compiled on first use with ``torch.utils.cpp_extension``
+(``-O3 -march=native -fopenmp -ffp-contract=off``) into ``$LOWBIT_CACHE/kernels`` (default
+``~/.cache/lowbit/kernels``).  Importing this module never compiles; :func:`available` does, once per
+process, and returns ``False`` (with the reason in :func:`unavailable_reason`) when there is no compiler.
+"""
+from __future__ import annotations
+
+import weakref
+from functools import lru_cache
+
+import torch
+
+from ..packed.quipw import rht_forward, rht_inverse
+from ..quip import e8p
+from ..quip.hadamard import hadamard_factor, hadamard_matrix
+from .build import load_extension
+from .quip_cpu_src import SOURCE
+
+GEMV_MAX_TOKENS = 4  # above this many rows of x: decode W̃ once + BLAS GEMM
+_state: dict = {}
+_EMPTY = torch.empty(0, dtype=torch.int16)
+_EMPTY_F = torch.empty(0, dtype=torch.float32)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _load():
+    """Compile (first time on this machine) and import the extension; ``None`` if that fails."""
+    return load_extension(_state, "lowbit_quip_cpu", SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], "QuIP# CPU kernel")
+
+
+def available() -> bool:
+    """Whether the compiled kernel can be used in this process (compiles it on the first call)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    _load()
+    return _state.get("error")
+
+
+def has_avx2() -> bool:
+    """Whether the compiled kernel has the AVX2 path (else the scalar one runs)."""
+    return available() and _state["module"].has_avx2()
+
+
+def supports(packed, x: torch.Tensor) -> bool:
+    """E8P QuIP# weights (2, 3, 4 bits) on the CPU with a float ``x``; the scalar codebook is left to the reference."""
+    return (getattr(packed, "kind", None) == "quip" and getattr(packed, "codebook", None) == "e8p"
+            and packed.bits in (2, 3, 4) and packed.shape[1] % 8 == 0
+            and x.device.type == "cpu" and packed.codes.device.type == "cpu" and x.dtype in _DTYPES)
+
+
+@lru_cache(maxsize=None)
+def _tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``A`` (256, 8) fp32 abs patterns with coordinate 7 negated where the pattern parity is odd,
+    ``S`` (128, 8) int32 sign-bit XOR masks of the 7 sign bits (coordinate 7: their popcount parity),
+    ``R`` (256, 8) fp32 residual codebook."""
+    A = e8p.abs_table().clone()
+    A[:, 7] *= 1.0 - 2.0 * e8p._pattern_parity().float()
+    sig = torch.arange(128)
+    neg7 = (sig[:, None] >> torch.arange(7)) & 1
+    neg = torch.cat([neg7, (neg7.sum(-1) & 1)[:, None]], dim=1).bool()
+    S = torch.where(neg, torch.tensor(-2 ** 31, dtype=torch.int32), torch.tensor(0, dtype=torch.int32))
+    return A.contiguous(), S.contiguous(), e8p.residual_codebook().float().contiguous()
+
+
+_signs_cache: dict[int, tuple] = {}
+
+
+def _signs(packed):
+    """``packed.signs()`` (unpacking 1-bit planes costs more than a decode step), cached per live weight."""
+    if packed.su is None:
+        return None, None
+    hit = _signs_cache.get(id(packed))
+    if hit is not None and hit[0]() is packed and hit[1] is packed.su and hit[2] is packed.sv:
+        return hit[3]
+    signs = packed.signs()
+    key = id(packed)
+    _signs_cache[key] = (weakref.ref(packed, lambda _r, k=key: _signs_cache.pop(k, None)), packed.su, packed.sv, signs)
+    return signs
+
+
+@lru_cache(maxsize=None)
+def _hadamard(n: int) -> tuple[torch.Tensor, int]:
+    """``(H_K (K, K) fp32, P)`` with ``n = K·P`` (the decomposition :func:`hadamard_transform` uses)."""
+    K, P = hadamard_factor(n)
+    return hadamard_matrix(K).float().contiguous(), P
+
+
+def _rht(x: torch.Tensor, signs: torch.Tensor | None, kind: str, inverse: bool, fast: bool) -> torch.Tensor:
+    """``rht_forward`` / ``rht_inverse`` of :mod:`lowbit.packed.quipw` on (M, n) fp32; the Hadamard kind runs in
+    the compiled kernel (one call instead of ~6 torch ops per butterfly level) unless ``fast`` is False."""
+    if kind == "none":
+        return x
+    if kind == "hadamard" and fast:
+        H, P = _hadamard(x.shape[-1])
+        s = _EMPTY_F if signs is None else signs.float().contiguous()
+        return _load().rht(x, s, H, P, inverse)
+    return (rht_inverse if inverse else rht_forward)(x, signs, kind)
+
+
+def _args(packed):
+    codes2 = _EMPTY if packed.codes2 is None else packed.codes2.contiguous()
+    return (packed.codes.contiguous(), codes2, packed.scales.float().contiguous())
+
+
+def rotated(packed, scalar: bool = False) -> torch.Tensor:
+    """``W̃`` (m, n) fp32 — same as ``packed.rotated()``, bit for bit."""
+    return _load().rotated(*_args(packed), packed.shape[1], *_tables(), scalar)
+
+
+def rotated_matmul(packed, xv: torch.Tensor, scalar: bool = False) -> torch.Tensor:
+    """``xv @ W̃ᵀ`` for an already input-rotated ``xv`` (M, n) fp32 -> (M, m) fp32."""
+    xv = xv.float().contiguous()
+    if xv.shape[0] <= GEMV_MAX_TOKENS:
+        return _load().gemv(xv, *_args(packed), *_tables(), scalar)
+    return xv @ rotated(packed, scalar).T
+
+
+def matmul(packed, x: torch.Tensor, scalar: bool = False, fast_rht: bool = True) -> torch.Tensor:
+    """``y = x Wᵀ``: ``x`` (…, n) float -> (…, m) in ``x.dtype`` (no bias).  ``scalar`` forces the portable
+    (non-AVX2) decode loop, ``fast_rht=False`` the torch Hadamard transforms (tests)."""
+    m, n = packed.shape
+    if x.numel() == 0:  # (torch.fft refuses empty batches)
+        return x.new_zeros(*x.shape[:-1], m)
+    su, sv = _signs(packed)
+    xv = _rht(x.reshape(-1, n).float(), sv, packed.in_kind, False, fast_rht)
+    y = _rht(rotated_matmul(packed, xv, scalar), su, packed.out_kind, True, fast_rht)
+    return y.to(x.dtype).view(*x.shape[:-1], m)
