@@ -5,9 +5,11 @@ Each configuration is quantized and evaluated by ``python -m lowbit`` in a fresh
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 
@@ -73,3 +75,16 @@ def add_common_args(ap, max_tokens: int = 8192) -> None:
     ap.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens of --text scored")
     ap.add_argument("--seqlen", type=int, default=512, help="evaluation and calibration window")
     ap.add_argument("--nsamples", type=int, default=64, help="calibration windows")
+    ap.add_argument("--keep", default=None, metavar="DIR",
+                    help="write the quantized folders and JSONs under DIR and keep them (default: a temporary folder)")
+
+
+@contextlib.contextmanager
+def workdir(keep: str | None):
+    """The folder the rows write into: ``keep`` (created, kept) or a temporary one (deleted after)."""
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        yield Path(keep)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        yield Path(tmp)

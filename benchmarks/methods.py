@@ -9,10 +9,8 @@ seconds and peak RSS.  The β sweep runs at the bit widths in ``--sweep-bits`` (
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
-from common import add_common_args, fp_row, print_table, quantized_row, select
+from common import add_common_args, fp_row, print_table, quantized_row, select, workdir
 
 
 def configs(bits: int, gs: int, nsamples: int, betas: list[float], saliencies: list[str]) -> list[tuple[str, list[str]]]:
@@ -43,8 +41,7 @@ def main() -> None:
         betas = [float(b) for b in a.betas.split(",")] if bits in sweep else [0.1]
         todo += configs(bits, a.group_size, a.nsamples, betas, a.saliencies.split(","))
     todo = select(todo, a.only)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with workdir(a.keep) as tmp:
         rows = [fp_row(a.model, a.text, a.seqlen, a.max_tokens, tmp)]
         for name, args in todo:
             rows.append(quantized_row(name, a.model, args, a.text, a.seqlen, a.max_tokens, tmp))

@@ -50,6 +50,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
                         beta=a.beta, pullback=a.pullback, outlier_frac=a.outlier_frac, saliency=a.saliency,
                         outlier_select=a.outlier_select, gwq_solver=a.gwq_solver, binary_frac=a.binary_frac,
                         high_bits=a.high_bits, squeeze_score=a.squeeze_score, squeeze_staged=not a.one_shot,
+                        binary_residual=a.binary_residual,
                         codebook=a.codebook, rht=a.rht, scale_search=a.scale_search, finetune=a.finetune,
                         ft_steps=a.ft_steps, ft_lr=a.ft_lr)
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--high-bits", type=int, default=4, help="Squeeze10: bits of the other cells (default 4)")
     q.add_argument("--squeeze-score", default="pbar", help="Squeeze10: pbar (default) or magnitude cell selection")
     q.add_argument("--one-shot", action="store_true", help="Squeeze10: score cells against FP, no 4-bit stage")
+    q.add_argument("--binary-residual", action="store_true",
+                   help="Squeeze10: residual binarization μ + α₁b₁ + α₂b₂ in binary cells (+1 bit/weight, +fp16/cell)")
     q.add_argument("--codebook", default="e8p", help="QuIP#: e8p (E8P lattice + residual stages) or scalar (ablation)")
     q.add_argument("--rht", action=argparse.BooleanOptionalAction, default=True,
                    help="QuIP#: randomized Hadamard transform on both sides (default on; --no-rht: ablation)")

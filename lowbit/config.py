@@ -49,6 +49,7 @@ class QuantConfig:
     high_bits: int = 4            # Squeeze10: width of the cells that are not binarized
     squeeze_score: str = "pbar"   # Squeeze10: which cells to binarize: "pbar" (output error) or "magnitude"
     squeeze_staged: bool = True   # Squeeze10: score against the 4-bit stage-1 solution (False: one-shot, vs FP)
+    binary_residual: bool = False  # Squeeze10: binary cells μ + α₁·b₁ + α₂·b₂ (BiLLM residual; +1 bit/weight, +fp16/cell)
     codebook: str = "e8p"         # QuIP#: "e8p" (E8P lattice, RVQ for 3/4 bits) or "scalar" (uniform grid ablation)
     rht: bool = True              # QuIP#: randomized Hadamard transform on both sides (False: ablation)
     rht_seed: int = 0             # QuIP#: sign vectors seeded by (rht_seed, layer shape, side)
@@ -86,6 +87,8 @@ class QuantConfig:
             raise LowbitError(f"--high-bits {self.high_bits} is not supported (2..8)")
         if self.squeeze_score not in ("pbar", "magnitude"):
             raise LowbitError(f"--squeeze-score {self.squeeze_score!r}: choose pbar or magnitude")
+        if self.binary_residual and self.method != Method.SQUEEZE:
+            raise LowbitError("--binary-residual applies only to --method squeeze")
         if self.block_size < 1:
             raise LowbitError(f"--block-size {self.block_size} must be positive")
         if self.codebook not in ("e8p", "scalar"):

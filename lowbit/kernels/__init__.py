@@ -24,6 +24,7 @@ Backends (``LOWBIT_KERNELS=…`` or :func:`use_backend`; tests use it to compare
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 
@@ -31,7 +32,7 @@ import torch
 
 from . import group_cpu, outliers, quip_cpu, reference
 
-__all__ = ["matmul", "kernel_name", "use_backend", "backend", "warm_up"]
+__all__ = ["matmul", "plan", "plan_key", "kernel_name", "use_backend", "backend", "warm_up"]
 
 BACKENDS = ("auto", "exact", "reference")
 _MODULES = {"group_cpu": group_cpu, "outliers": outliers, "quip_cpu": quip_cpu}
@@ -79,14 +80,25 @@ def kernel_name(packed, x: torch.Tensor | None = None) -> str:
     return "reference"
 
 
-def matmul(packed, x: torch.Tensor) -> torch.Tensor:
-    """``y = x Ŵᵀ`` with the fastest kernel available for ``packed``'s format (see module doc)."""
+def plan(packed, x: torch.Tensor):
+    """The function ``x -> x Ŵᵀ`` :func:`matmul` would run for inputs like ``x`` (same dtype, device, grad
+    needs) under the current backend, with its per-weight set-up done once; layers cache it."""
     name = kernel_name(packed, x)
     if name == "reference":
-        return reference.matmul(packed, x)
+        return functools.partial(reference.matmul, packed)
     if name in _INT8_ACT:
-        return _MODULES[name].matmul(packed, x, int8_act=_backend == "auto")
-    return _MODULES[name].matmul(packed, x)
+        return _MODULES[name].plan(packed, int8_act=_backend == "auto")
+    return functools.partial(_MODULES[name].matmul, packed)
+
+
+def plan_key(x: torch.Tensor) -> tuple:
+    """What :func:`plan`'s choice depends on besides the weight: backend, dtype, device, autograd."""
+    return _backend, x.dtype, x.device, x.requires_grad and torch.is_grad_enabled()
+
+
+def matmul(packed, x: torch.Tensor) -> torch.Tensor:
+    """``y = x Ŵᵀ`` with the fastest kernel available for ``packed``'s format (see module doc)."""
+    return plan(packed, x)(x)
 
 
 def warm_up() -> bool:

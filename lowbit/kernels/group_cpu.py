@@ -75,19 +75,26 @@ def int8_supported(packed) -> bool:
             and packed.group_size % qb == 0 and _load() is not None and _state["module"].has_q8())
 
 
-def matmul(packed, x: torch.Tensor, int8_act: bool = False) -> torch.Tensor:
-    """``y = x Ŵᵀ``: ``x`` (…, n) float -> (…, m) in ``x.dtype`` (no bias).
+def plan(packed, int8_act: bool = False):
+    """``x -> x Ŵᵀ`` for this weight, with the per-weight decisions taken once (what a layer calls per token).
 
-    ``int8_act``: for few tokens, round ``x`` to int8 blocks first and use integer dot products (see
-    :mod:`.group_cpu_q8_src`) where :func:`int8_supported`; the result is then exactly ``x̂ Ŵᵀ`` with
-    ``x̂ =`` :func:`lowbit.kernels.reference.int8_blocks` ``(x)`` (up to fp32 summation order)."""
-    m, n = packed.shape
-    x2 = x.reshape(-1, n)
-    if x2.shape[0] <= GEMV_MAX_TOKENS and int8_act and int8_supported(packed):
-        y = _state["module"].gemm_q8(x2, packed.qweight, packed.scales, _args(packed)[2], packed.bits,
-                                     packed.group_size)
-        return y.view(*x.shape[:-1], m)
-    if x2.shape[0] <= GEMV_MAX_TOKENS:
-        y = _state["module"].gemm(x2, *_args(packed), packed.bits, packed.group_size, _SPLITS[x.dtype])
-        return y.view(*x.shape[:-1], m)  # in x.dtype (the kernel computes in fp32 and casts back)
-    return F.linear(x, dequantize(packed).to(x.dtype))
+    ``x`` (…, n) float -> (…, m) in ``x.dtype`` (no bias).  ``int8_act``: for few tokens, round ``x`` to int8
+    blocks first and use integer dot products (see :mod:`.group_cpu_q8_src`) where :func:`int8_supported`;
+    the result is then exactly ``x̂ Ŵᵀ`` with ``x̂ =`` :func:`lowbit.kernels.reference.int8_blocks` ``(x)``
+    (up to fp32 summation order)."""
+    n = packed.shape[1]
+    mod, (qw, sc, qz, gi) = _load(), _args(packed)
+    bits, gs = packed.bits, packed.group_size
+    q8 = int8_act and int8_supported(packed)
+
+    def run(x: torch.Tensor) -> torch.Tensor:  # the kernels take x (…, n) and return (…, m) in x.dtype
+        if x.numel() > GEMV_MAX_TOKENS * n:
+            return F.linear(x, dequantize(packed).to(x.dtype))
+        return mod.gemm_q8(x, qw, sc, qz, bits, gs) if q8 else mod.gemm(x, qw, sc, qz, gi, bits, gs, _SPLITS[x.dtype])
+
+    return run
+
+
+def matmul(packed, x: torch.Tensor, int8_act: bool = False) -> torch.Tensor:
+    """``y = x Ŵᵀ`` (…, m): :func:`plan` ``(packed, int8_act)(x)``."""
+    return plan(packed, int8_act)(x)

@@ -137,10 +137,11 @@ void q8_rows(const Layout& L, const int8_t* xq, const float* d, const float* xs,
 }
 
 at::Tensor gemm_q8(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tensor qzeros, int64_t bits, int64_t gs) {
-  TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: float (M, n)");
+  TORCH_CHECK(x.dim() >= 1 && x.is_floating_point(), "x: float (..., n)");
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "int8-activation path: 2, 4 or 8 bits");
   const auto out_dtype = x.scalar_type();
-  x = x.to(at::kFloat).contiguous();
+  std::vector<int64_t> out_shape = x.sizes().vec();  // (..., n) -> (..., m)
+  x = x.to(at::kFloat).reshape({-1, x.size(-1)}).contiguous();
   const Layout L = make_layout(qweight, scales, qzeros, at::empty({0}, qweight.options()), x.size(1), bits, gs);
   const int QB = q8_block(L.bits);
   TORCH_CHECK(L.n % QB == 0 && L.gs % QB == 0, "int8-activation path: n and the group size must be multiples of ", QB);
@@ -153,7 +154,8 @@ at::Tensor gemm_q8(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tens
   if (L.bits == 4) q8_rows<4>(L, xq.data(), d.data(), xs.data(), M, yp);
   else if (L.bits == 2) q8_rows<2>(L, xq.data(), d.data(), xs.data(), M, yp);
   else q8_rows<8>(L, xq.data(), d.data(), xs.data(), M, yp);
-  return out_dtype == at::kFloat ? y : y.to(out_dtype);
+  out_shape.back() = L.m;
+  return (out_dtype == at::kFloat ? y : y.to(out_dtype)).view(out_shape);
 }
 #endif
 """

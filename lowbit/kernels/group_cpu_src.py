@@ -180,9 +180,10 @@ Layout make_layout(const at::Tensor& qweight, const at::Tensor& scales, const at
 
 at::Tensor gemm(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tensor qzeros, at::Tensor g_idx,
                 int64_t bits, int64_t gs, int64_t splits) {
-  TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x: float (M, n)");
+  TORCH_CHECK(x.dim() >= 1 && x.is_floating_point(), "x: float (..., n)");
   const auto out_dtype = x.scalar_type();
-  x = x.to(at::kFloat).contiguous();
+  std::vector<int64_t> out_shape = x.sizes().vec();  // (..., n) -> (..., m)
+  x = x.to(at::kFloat).reshape({-1, x.size(-1)}).contiguous();
   const Layout L = make_layout(qweight, scales, qzeros, g_idx, x.size(1), bits, gs);
   const int64_t M = x.size(0), n = L.n, npad = (n + 31) / 32 * 32, Gp = L.G + 16;
   at::Tensor y = at::empty({M, L.m}, x.options());
@@ -250,7 +251,8 @@ at::Tensor gemm(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tensor 
 #endif
     }
   });
-  return out_dtype == at::kFloat ? y : y.to(out_dtype);
+  out_shape.back() = L.m;
+  return (out_dtype == at::kFloat ? y : y.to(out_dtype)).view(out_shape);
 }
 
 at::Tensor dequantize(at::Tensor qweight, at::Tensor scales, at::Tensor qzeros, at::Tensor g_idx,

@@ -29,15 +29,26 @@ def unavailable_reason() -> str | None:
     return group_cpu.unavailable_reason()
 
 
-def matmul(packed, x: torch.Tensor, int8_act: bool = False) -> torch.Tensor:
-    """``y = x Ŵᵀ`` (…, m) in ``x.dtype``; ``int8_act`` as in :func:`lowbit.kernels.group_cpu.matmul` (dense part)."""
+def plan(packed, int8_act: bool = False):
+    """``x -> x Ŵᵀ`` (…, m) in ``x.dtype``; ``int8_act`` as in :func:`lowbit.kernels.group_cpu.plan` (dense part)."""
     m, n = packed.shape
-    x2 = x.reshape(-1, n)
+    dense = group_cpu.plan(packed.dense, int8_act)
     rows, cols = packed.outlier_coords()
-    if x2.shape[0] > group_cpu.GEMV_MAX_TOKENS:
-        w = group_cpu.dequantize(packed.dense)
-        w[rows, cols] += packed.outlier_val.float()
-        return F.linear(x, w.to(x.dtype))
-    y = group_cpu.matmul(packed.dense, x2.float(), int8_act=int8_act)
-    y.index_add_(1, rows, x2.float()[:, cols] * packed.outlier_val.float())
-    return y.to(x.dtype).view(*x.shape[:-1], m)
+    val = packed.outlier_val.float()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, n)
+        if x2.shape[0] > group_cpu.GEMV_MAX_TOKENS:
+            w = group_cpu.dequantize(packed.dense)
+            w[rows, cols] += val
+            return F.linear(x, w.to(x.dtype))
+        y = dense(x2.float())
+        y.index_add_(1, rows, x2.float()[:, cols] * val)
+        return y.to(x.dtype).view(*x.shape[:-1], m)
+
+    return run
+
+
+def matmul(packed, x: torch.Tensor, int8_act: bool = False) -> torch.Tensor:
+    """``y = x Ŵᵀ`` (…, m): :func:`plan` ``(packed, int8_act)(x)``."""
+    return plan(packed, int8_act)(x)

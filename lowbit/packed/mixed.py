@@ -4,6 +4,8 @@ For ``W`` (m, n), group size ``gs``, ``G = ceil(n/gs)`` groups and high width ``
 ``(i, g)`` is
 
 * binary  (``mask[i, g] = 0``):  ``ŵ = μ + α·(2·t − 1)``,  ``t ∈ {0, 1}``  (``p1 = α``, ``p2 = μ``);
+  with residual binarization (``meta()["binary_residual"]``, BiLLM-style)
+  ``ŵ = μ + α₁·(2·t − 1) + α₂·(2·u − 1)``, ``u ∈ {0, 1}`` (``p1 = α₁``, ``p2 = μ``, ``α₂`` in ``p3``);
 * high    (``mask[i, g] = 1``):  ``ŵ = s·(q − z)``,  ``q = 2^(b−1)·t + r ∈ [0, 2^b)``  (``p1 = s``, ``p2 = z``).
 
 The top bit ``t`` of every weight lives in one 1-bit plane; only high cells store the remaining
@@ -16,6 +18,15 @@ The top bit ``t`` of every weight lives in one 1-bit plane; only high cells stor
 * ``p1, p2`` fp16 ``(m, G)``                    — ``α, μ`` or ``s, z`` per cell.
 
 At 80 % binary cells, ``b = 4`` and ``gs = 128`` that is ``1 + 0.6 + 32/128 + 1/128 ≈ 1.86`` bits/weight.
+
+Residual binarization adds two tensors (absent otherwise, so older checkpoints load unchanged):
+
+* ``qres``  int32 ``(ceil(Kb/32),)``  — the second sign ``u`` of the ``Kb`` weights in binary cells, one
+  flat 1-bit stream in row-major ``(i, j)`` order (like ``qrest``);
+* ``p3``    fp16  ``(m·G − high cells,)`` — ``α₂`` of every binary cell, row-major over the binary cells.
+
+That is ``+1`` bit per binary weight and ``+16`` bits per binary cell: ``≈ 1.86 + 0.8 + 0.1 = 2.76``
+bits/weight at the same setting.
 """
 from __future__ import annotations
 
@@ -38,6 +49,12 @@ class MixedBinaryWeight:
     mask: torch.Tensor
     p1: torch.Tensor
     p2: torch.Tensor
+    qres: torch.Tensor | None = None  # residual binarization: second sign plane of the binary weights
+    p3: torch.Tensor | None = None    # residual binarization: α₂ of the binary cells (flat, fp16)
+
+    @property
+    def binary_residual(self) -> bool:
+        return self.qres is not None
 
     @property
     def n_groups(self) -> int:
@@ -45,9 +62,14 @@ class MixedBinaryWeight:
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, high: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, high_bits: int,
-                   group_size: int) -> "MixedBinaryWeight":
+                   group_size: int, res: torch.Tensor | None = None,
+                   p3: torch.Tensor | None = None) -> "MixedBinaryWeight":
         """``codes`` (m, n) int: ``t ∈ {0,1}`` in binary cells, ``q ∈ [0, 2^b)`` in high cells;
-        ``high`` (m, G) bool; ``p1``/``p2`` (m, G) float (rounded to fp16 here)."""
+        ``high`` (m, G) bool; ``p1``/``p2`` (m, G) float (rounded to fp16 here).  Residual
+        binarization: ``res`` (m, n) int, the second sign ``u ∈ {0,1}`` (read in binary cells only),
+        and ``p3`` (m, G) float, ``α₂`` (read in binary cells only); both or neither."""
+        if (res is None) != (p3 is None):
+            raise ValueError("residual binarization needs both res and p3")
         m, n = codes.shape
         codes, high = codes.cpu().long(), high.cpu().bool()
         half = 2 ** (high_bits - 1)
@@ -55,10 +77,14 @@ class MixedBinaryWeight:
         high_w = high[:, col_group]                                       # (m, n) weights in high cells
         top = torch.where(high_w, codes // half, codes)
         rest = (codes % half)[high_w]                                     # (Kw,) row-major
+        extra = {}
+        if res is not None:
+            extra = {"qres": bitpack.pack(res.cpu().long()[~high_w], 1),  # (Kb,) row-major
+                     "p3": p3.cpu()[~high].to(torch.float16).contiguous()}
         return cls((m, n), high_bits, group_size,
                    qsign=bitpack.pack(top, 1), qrest=bitpack.pack(rest, high_bits - 1),
                    mask=bitpack.pack(high.long().flatten(), 1),
-                   p1=p1.to(torch.float16).cpu().contiguous(), p2=p2.to(torch.float16).cpu().contiguous())
+                   p1=p1.to(torch.float16).cpu().contiguous(), p2=p2.to(torch.float16).cpu().contiguous(), **extra)
 
     def high_cells(self) -> torch.Tensor:
         """(m, G) bool: which cells are high-bit."""
@@ -78,15 +104,28 @@ class MixedBinaryWeight:
             q[high_w] = bitpack.unpack(self.qrest, self.high_bits - 1, kw).float()
         p1, p2 = self.p1.float()[:, col_group], self.p2.float()[:, col_group]
         q = q + t * 2 ** (self.high_bits - 1)
-        w = torch.where(high_w, p1 * (q - p2), p2 + p1 * (2 * t - 1))
+        binary = p2 + p1 * (2 * t - 1)
+        if self.binary_residual:
+            u = torch.zeros(m, n, dtype=torch.float32, device=t.device)
+            p3 = torch.zeros(m, self.n_groups, dtype=torch.float32, device=t.device)
+            kb = m * n - kw
+            if kb:
+                u[~high_w] = bitpack.unpack(self.qres, 1, kb).float()
+                p3[~high] = self.p3.float()
+            binary = binary + p3[:, col_group] * (2 * u - 1)      # the solver's order of operations: exact
+        w = torch.where(high_w, p1 * (q - p2), binary)
         return w.to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {"qsign": self.qsign, "qrest": self.qrest, "mask": self.mask, "p1": self.p1, "p2": self.p2}
+        out = {"qsign": self.qsign, "qrest": self.qrest, "mask": self.mask, "p1": self.p1, "p2": self.p2}
+        if self.binary_residual:
+            out.update(qres=self.qres, p3=self.p3)
+        return out
 
     def meta(self) -> dict:
         return {"kind": self.kind, "shape": list(self.shape), "high_bits": self.high_bits,
-                "group_size": self.group_size, "high_cells": int(self.high_cells().sum())}
+                "group_size": self.group_size, "high_cells": int(self.high_cells().sum()),
+                "binary_residual": self.binary_residual}
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "MixedBinaryWeight":
@@ -95,6 +134,9 @@ class MixedBinaryWeight:
             b, gs, k = int(meta["high_bits"]), int(meta["group_size"]), int(meta["high_cells"])
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"bad layer metadata {meta!r}: {e}") from None
+        residual = meta.get("binary_residual", False)  # absent in checkpoints written before the option
+        if not isinstance(residual, bool):
+            raise FormatError(f"bad layer metadata {meta!r}: binary_residual must be true or false")
         if not (2 <= b <= 8 and gs >= 1 and m >= 1 and n >= 1):
             raise FormatError(f"bad layer metadata {meta!r}")
         G = -(-n // gs)
@@ -105,12 +147,16 @@ class MixedBinaryWeight:
         if int(high.sum()) != k:
             raise FormatError(f"tensor 'mask' marks a different number of high cells than {k}")
         kw = int(high[:, torch.arange(n) // gs].sum())
+        extra = {}
+        if residual:
+            extra = {"qres": _expect(tensors, "qres", torch.int32, (bitpack.packed_width(m * n - kw, 1),)),
+                     "p3": _expect(tensors, "p3", torch.float16, (m * G - k,))}
         return cls((m, n), b, gs,
                    qsign=_expect(tensors, "qsign", torch.int32, (m, bitpack.packed_width(n, 1))),
                    qrest=_expect(tensors, "qrest", torch.int32, (bitpack.packed_width(kw, b - 1),)),
                    mask=mask,
                    p1=_expect(tensors, "p1", torch.float16, (m, G)),
-                   p2=_expect(tensors, "p2", torch.float16, (m, G)))
+                   p2=_expect(tensors, "p2", torch.float16, (m, G)), **extra)
 
     def stored_bits(self) -> int:
         return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())

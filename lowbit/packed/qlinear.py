@@ -7,10 +7,18 @@ weight to the input's dtype and call ``F.linear``; ``y = x Ŵᵀ + b`` with ``x`
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+
+@functools.cache
+def _kernels():
+    """:mod:`lowbit.kernels`, imported on first use (it imports the packed formats)."""
+    from .. import kernels
+
+    return kernels
 
 
 class QuantLinear(nn.Module):
@@ -31,14 +39,14 @@ class QuantLinear(nn.Module):
         return dataclasses.replace(self._template, **{n: getattr(self, n) for n in self._names})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``y = x Ŵᵀ + b`` via :func:`lowbit.kernels.matmul`: the fast kernel for this format where
-        there is one (weights stay packed), else the reference ``x @ packed.dequantize(x.dtype).T``."""
-        from ..kernels import matmul
-
-        packed, bufs = self.__dict__.get("_packed"), self._buffers  # rebuilt only when a buffer was replaced
-        if packed is None or not all(getattr(packed, n) is bufs[n] for n in self._names):
-            packed = self.__dict__["_packed"] = self.packed
-        y = matmul(packed, x)
+        """``y = x Ŵᵀ + b`` via :func:`lowbit.kernels.plan`: the fast kernel for this format where there is
+        one (weights stay packed), else the reference ``x @ packed.dequantize(x.dtype).T``.  The plan is
+        cached per (backend, dtype, device, autograd) and rebuilt when a buffer is replaced."""
+        kernels = _kernels()
+        key, bufs, cached = kernels.plan_key(x), self._buffers, self.__dict__.get("_plan")
+        if cached is None or cached[0] != key or any(bufs[n] is not t for n, t in zip(self._names, cached[1])):
+            cached = self.__dict__["_plan"] = (key, [bufs[n] for n in self._names], kernels.plan(self.packed, x))
+        y = cached[2](x)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -21,7 +21,7 @@ from .collect import Entry, delta_pct, pareto_front
 DASH = "–"
 _BOOL_FLAGS = {"sym": (True, "--sym"), "act_order": (False, "--no-act-order"),
                "static_groups": (False, "--no-static-groups"), "mse": (False, "--no-mse"),
-               "squeeze_staged": (False, "--one-shot")}
+               "squeeze_staged": (False, "--one-shot"), "binary_residual": (True, "--binary-residual")}
 _VALUE_FLAGS = ("damp", "block_size", "beta", "pullback", "outlier_frac", "saliency", "outlier_select",
                 "gwq_solver", "binary_frac", "high_bits", "squeeze_score")
 
