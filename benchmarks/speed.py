@@ -2,6 +2,11 @@
 formats, all measured in one run, plus the memory-bandwidth bound on batch-1 decoding.
 
     python benchmarks/speed.py [--threads 2] [--new-tokens 32] [--repeats 3] [--work DIR] [--json F]
+                               [--dtypes float32] [--exact] [--extra "GWQ w3g64=DIR,QuIP# 2-bit=DIR"]
+
+``--exact`` adds, for every integer format, a row decoded with float activations (kernel backend
+``exact``) next to the default int8-activation decode; ``--extra`` times existing checkpoints (GWQ,
+QuIP#, Squeeze10 … from the other benchmarks' ``--keep`` folders) in the same run.
 
 Quantization is RTN without the MSE grid search (kernel speed does not depend on how the codes
 were chosen, so GPTQ checkpoints of the same format run at the same speed).  Decode tokens/s are
@@ -25,6 +30,7 @@ from pathlib import Path
 import torch
 
 import lowbit
+from lowbit import kernels
 from lowbit.deploy.bench import DTYPES, quantized_weight_bytes, time_model
 from lowbit.eval.memory import model_bytes
 from lowbit.models.sources import load_model
@@ -35,6 +41,7 @@ FORMATS = {  # name: quantize settings
     "w4g32 sym": dict(bits=4, group_size=32, sym=True),
     "w3g64": dict(bits=3, group_size=64, sym=False),
     "w8 per-row": dict(bits=8, group_size=-1, sym=False),
+    "w2g64": dict(bits=2, group_size=64, sym=False),
 }
 
 
@@ -53,9 +60,11 @@ def _timed(fn) -> float:
 
 
 def best_of_dtypes(load, args) -> dict:
-    """Load the model in float32 and bfloat16, time both, keep the faster decode (and its bytes)."""
+    """Load the model in each of ``args.dtypes``, time each, keep the faster decode (and its bytes)."""
     best = None
     for name, dtype in DTYPES.items():
+        if name not in args.dtypes:
+            continue
         model, tok = load(dtype)
         r = time_model(model, tok, args.prompt_tokens, args.new_tokens, args.repeats)
         r.update(dtype=name, bytes=model_bytes(model))
@@ -79,13 +88,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--work", default=None, help="folder for the checkpoints (reused when present)")
     p.add_argument("--json", default=None)
+    p.add_argument("--dtypes", default="float32,bfloat16", help="activation dtypes tried (the faster is kept)")
+    p.add_argument("--exact", action="store_true", help="also time the integer formats with float activations")
+    p.add_argument("--extra", default="", help="comma-separated NAME=DIR checkpoints to time as well")
     args = p.parse_args()
+    args.dtypes = args.dtypes.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="lowbit-speed-"))
     bw = read_bandwidth()
     rows = {}
     for dname, dtype in DTYPES.items():  # FP rows: each dtype on its own
+        if dname not in args.dtypes:
+            continue
         print(f"FP {dname}", file=sys.stderr)
         model, tok, _ = load_model(DEMO, dtype=dtype)
         r = time_model(model, tok, args.prompt_tokens, args.new_tokens, args.repeats)
@@ -98,8 +113,16 @@ def main() -> None:
             lowbit.quantize(DEMO, method="rtn", mse=False, out=out, progress=False, **cfg)
         print(name, file=sys.stderr)
         rows[name] = best_of_dtypes(lambda d: lowbit.load(out, device="cpu", dtype=d)[:2], args)
-    fp_best = max(rows["FP float32"]["decode_tokens_per_s"], rows["FP bfloat16"]["decode_tokens_per_s"])
-    fp_cpu = max(rows["FP float32"]["decode_tokens_per_cpu_s"], rows["FP bfloat16"]["decode_tokens_per_cpu_s"])
+        if args.exact:
+            with kernels.use_backend("exact"):
+                rows[f"{name} exact"] = best_of_dtypes(lambda d: lowbit.load(out, device="cpu", dtype=d)[:2], args)
+    for item in filter(None, args.extra.split(",")):
+        name, _, folder = item.partition("=")
+        print(name, file=sys.stderr)
+        rows[name] = best_of_dtypes(lambda d: lowbit.load(folder, device="cpu", dtype=d)[:2], args)
+    fp_rows = [r for k, r in rows.items() if k.startswith("FP ")]
+    fp_best = max(r["decode_tokens_per_s"] for r in fp_rows)
+    fp_cpu = max(r["decode_tokens_per_cpu_s"] for r in fp_rows)
     print(f"\nthreads {torch.get_num_threads()}, prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
           f"median of {args.repeats}; read bandwidth {bw / 1e9:.1f} GB/s\n")
     print("| model | act. dtype | decode tok/s | vs best FP | decode tok/CPU-s | vs best FP | prefill tok/s "

@@ -27,6 +27,7 @@ from .errors import LowbitError
 from .eval.memory import bits_per_weight, model_bytes, peak_rss_bytes
 from .eval.ppl import evaluate_ppl
 from .models.arch import blocks_of, linears_of, resolve_spec
+from .models.head import quantize_head
 from .models.sources import check_finite, load_model
 from .packed import checkpoint
 from .packed.qlinear import QuantLinear
@@ -200,6 +201,9 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
                                   else quant.method == Method.SQUEEZE,
                                   finetune_block=_quip_finetuner(quant, world_size, progress), offload=offload)
     fp_model.to("cpu")
+    if quant.head_bits:  # the output head too (data-free RTN; see lowbit.models.head)
+        head_name, packed, info = quantize_head(fp_model, quant.head_bits, _solve)
+        results[head_name] = (packed, info)
     layers = {name: {**packed.meta(), "bits_per_weight": packed.stored_bits() / (packed.shape[0] * packed.shape[1]),
                      **{k: v for k, v in info.items()}} for name, (packed, info) in results.items()}
     bpw = bits_per_weight(fp_model)

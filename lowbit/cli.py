@@ -52,7 +52,7 @@ def cmd_quantize(a: argparse.Namespace) -> int:
                         high_bits=a.high_bits, squeeze_score=a.squeeze_score, squeeze_staged=not a.one_shot,
                         binary_residual=a.binary_residual,
                         codebook=a.codebook, rht=a.rht, scale_search=a.scale_search, finetune=a.finetune,
-                        ft_steps=a.ft_steps, ft_lr=a.ft_lr)
+                        ft_steps=a.ft_steps, ft_lr=a.ft_lr, head_bits=a.head_bits)
     calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
                         batch_size=a.batch_size, dtype=a.calib_dtype, true_sequential=not a.no_true_sequential,
                         grad_samples=a.grad_samples, grad_checkpointing=a.grad_checkpointing, fp_targets=a.fp_targets,
@@ -178,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--finetune", action="store_true", help="QuIP#: per-block Adam on signs/scales vs FP outputs")
     q.add_argument("--ft-steps", type=int, default=50, help="QuIP#: fine-tuning steps per block (default 50)")
     q.add_argument("--ft-lr", type=float, default=1e-3, help="QuIP#: fine-tuning learning rate (default 1e-3)")
+    q.add_argument("--head-bits", type=int, default=0,
+                   help="also quantize the output head (lm_head) with RTN at this width, symmetric, groups of 32 "
+                        "(default 0: keep it float, as GPTQ tools do; llama.cpp quantizes it)")
     q.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=None,
                    help="FIAS: Hessians from the FP model's activations (default: on for squeeze only)")
     q.add_argument("--train-text", default=None, help="DL-QAT: training text (default: --calib, i.e. the calibration plays)")

@@ -57,6 +57,7 @@ class QuantConfig:
     finetune: bool = False        # QuIP#: per-block Adam on signs and scales against the FP block outputs
     ft_steps: int = 50            # QuIP#: fine-tuning steps per block
     ft_lr: float = 1e-3           # QuIP#: Adam learning rate of the signs (scales: ft_lr / 10)
+    head_bits: int = 0            # output head (lm_head) too: 0 = keep it float; 2…8 = RTN, sym, groups of 32
 
     def __post_init__(self):
         try:
@@ -66,6 +67,9 @@ class QuantConfig:
                               f"{', '.join(m.value for m in Method)})") from None
         if self.bits not in SUPPORTED_BITS:
             raise LowbitError(f"--bits {self.bits} is not supported (choose from {', '.join(map(str, SUPPORTED_BITS))})")
+        if self.head_bits and self.head_bits not in SUPPORTED_BITS:
+            raise LowbitError(f"--head-bits {self.head_bits} is not supported (0 = float head, or one of "
+                              f"{', '.join(map(str, SUPPORTED_BITS))})")
         if self.group_size != -1 and self.group_size < 1:
             raise LowbitError(f"--group-size {self.group_size} is not supported (use -1 for per-row, or a positive size)")
         if not 0 < self.damp < 1e3:

@@ -12,10 +12,7 @@ group of ``gs`` input columns (``G = ceil(n/gs)`` cells per row).
    The ``round(binary_frac·m·G)`` cells with the lowest score are binarized.
 3. **Stage 2**: the column-feedback engine from the original ``W``; at a group's first column
    each row fits both grids (binary ``α, μ``; ``b``-bit ``s, z``) to the current, compensated columns
-   and quantizes the cell with the one its mask says.  Columns in natural order.  With
-   ``cfg.act_order`` (the default, as for GPTQ) the columns go by decreasing ``diag(H)`` instead and
-   every cell's grids are fitted up front on the original columns (GPTQ's static groups, so cells
-   stay contiguous): on SmolLM2-135M that halves the output error of many layers.
+   and quantizes the cell with the one its mask says.  Columns in natural order (no act-order).
 
 **Residual binarization** (``cfg.binary_residual``, BiLLM-style): a binary cell gets a second sign,
 ``B₂(w) = μ + α₁·b₁ + α₂·b₂`` with ``b₁ = sign(w − μ)``, ``α₁ = mean|w − μ|``, ``r = w − μ − α₁b₁``,
@@ -119,51 +116,31 @@ def solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[MixedBina
     p3 = torch.zeros(m, G, device=W.device)   # residual: α₂ (binary cells)
     T = torch.zeros(m, n, device=W.device)    # residual: first sign t of the binary weights
     Ures = torch.zeros(m, n, device=W.device)  # residual: second sign u of the binary weights
-
-    def fit(g: int, cols: torch.Tensor) -> None:
-        """Both grids of group ``g`` from ``cols`` (m, ≤gs); each cell keeps the one its mask says."""
-        if residual:
-            a, mu, a2 = residual_fit(cols)
-            p3[:, g] = torch.where(high[:, g], torch.zeros_like(a2), a2)
-        else:
-            a, mu = binary_fit(cols)
-        s, z = grid.fit(cols)
-        p1[:, g] = torch.where(high[:, g], s, a)
-        p2[:, g] = torch.where(high[:, g], z, mu)
-
-    # Act-order (static groups): every cell's grid is fitted up front on the original columns, then the
-    # columns are quantized by decreasing diag(H), so the salient inputs are quantized first and their
-    # error is compensated by the others.  Without it: natural order, grids fitted at each group's
-    # first column on the current, compensated columns.
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if cfg.act_order else None
-    if perm is not None:
-        for g in range(G):
-            fit(g, W[:, g * gs:(g + 1) * gs])
-        orig_col = perm.tolist()
-        Wp, Hp = W[:, perm], H[perm][:, perm]
-    else:
-        orig_col = list(range(n))
-        Wp, Hp = W, H
-    U, lam = inverse_cholesky(Hp, cfg.damp)
+    U, lam = inverse_cholesky(H, cfg.damp)
 
     def quantize(p: int, Wlive: torch.Tensor) -> torch.Tensor:
-        j = orig_col[p]
-        g = j // gs
-        if perm is None and p % gs == 0:
-            fit(g, Wlive[:, p:p + gs])
+        g = p // gs
+        if p % gs == 0:
+            cols = Wlive[:, p:p + gs]
+            if residual:
+                a, mu, a2 = residual_fit(cols)
+                p3[:, g] = torch.where(high[:, g], torch.zeros_like(a2), a2)
+            else:
+                a, mu = binary_fit(cols)
+            s, z = grid.fit(cols)
+            p1[:, g] = torch.where(high[:, g], s, a)
+            p2[:, g] = torch.where(high[:, g], z, mu)
         w = Wlive[:, p:p + 1]
         s1, s2 = p1[:, g:g + 1], p2[:, g:g + 1]
         if residual:
             qb, t, u = binarize_residual(w, s1[:, 0], s2[:, 0], p3[:, g])
-            T[:, j:j + 1], Ures[:, j:j + 1] = t, u
+            T[:, p:p + 1], Ures[:, p:p + 1] = t, u
         else:
             qb = torch.where(w >= s2, s2 + s1, s2 - s1)
         qh = (torch.clamp(torch.round(w / s1.clamp(min=FP16_MIN_NORMAL)) + s2, 0, grid.maxq) - s2) * s1
         return torch.where(high[:, g:g + 1], qh, qb)
 
-    Q, _ = column_feedback(Wp, U, quantize, block_size=gs * max(1, cfg.block_size // gs))
-    if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
+    Q, _ = column_feedback(W, U, quantize, block_size=gs * max(1, cfg.block_size // gs))
     col_group = torch.arange(n, device=W.device) // gs
     hw = high[:, col_group]
     P1, P2 = p1[:, col_group], p2[:, col_group]
