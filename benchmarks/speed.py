@@ -42,6 +42,7 @@ FORMATS = {  # name: quantize settings
     "w3g64": dict(bits=3, group_size=64, sym=False),
     "w8 per-row": dict(bits=8, group_size=-1, sym=False),
     "w2g64": dict(bits=2, group_size=64, sym=False),
+    "w4g64 + head w8": dict(bits=4, group_size=64, sym=False, head_bits=8),
 }
 
 
