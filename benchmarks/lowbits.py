@@ -15,10 +15,8 @@ Rows, each through the real CLI in its own process (see ``common.py``):
 from __future__ import annotations
 
 import argparse
-import tempfile
-from pathlib import Path
 
-from common import add_common_args, fp_row, print_table, quantized_row, select
+from common import add_common_args, fp_row, print_table, quantized_row, select, workdir
 
 
 def configs(gs: int, nsamples: int) -> list[tuple[str, list[str]]]:
@@ -44,8 +42,7 @@ def main() -> None:
 
     todo = configs(a.group_size, a.nsamples)
     todo = select(todo, a.only)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with workdir(a.keep) as tmp:
         rows = [fp_row(a.model, a.text, a.seqlen, a.max_tokens, tmp)]
         rows += [quantized_row(name, a.model, args, a.text, a.seqlen, a.max_tokens, tmp) for name, args in todo]
     print_table(rows, f"{a.model}, text '{a.text}', seqlen {a.seqlen}, {a.max_tokens} tokens scored; "

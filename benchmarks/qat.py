@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import add_common_args, folder_bytes, fp_row, lowbit, print_table, quantized_row
+from common import add_common_args, folder_bytes, fp_row, lowbit, print_table, quantized_row, workdir
 
 
 def dlqat_row(name: str, a: argparse.Namespace, steps: int, rank: int, init: str, init_s: float, tmp: Path) -> dict:
@@ -61,8 +60,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     base = ["--bits", str(a.bits), "--group-size", str(a.group_size), "--nsamples", str(a.nsamples)]
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with workdir(a.keep) as tmp:
         rows = [fp_row(a.model, a.text, a.seqlen, a.max_tokens, tmp)] if a.fp else []
         if not a.no_rtn:
             rows.append(quantized_row(f"RTN w{a.bits}g{a.group_size}", a.model, ["--method", "rtn", *base],

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
-from pathlib import Path
 
-from common import add_common_args, fp_row, print_table, quantized_row, select
+from common import add_common_args, fp_row, print_table, quantized_row, select, workdir
 
 
 def configs(bits: int, nsamples: int, ft_steps: int) -> list[tuple[str, list[str]]]:
@@ -51,8 +49,7 @@ def main() -> None:
 
     todo = [c for bits in map(int, a.bits.split(",")) for c in configs(bits, a.nsamples, a.ft_steps)]
     todo = select(todo, a.only)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with workdir(a.keep) as tmp:
         rows = [] if a.no_fp else [fp_row(a.model, a.text, a.seqlen, a.max_tokens, tmp)]
         for name, args in todo:
             rows.append(quantized_row(name, a.model, args, a.text, a.seqlen, a.max_tokens, tmp))
