@@ -2,9 +2,9 @@
 formats, all measured in one run, plus the memory-bandwidth bound on batch-1 decoding.
 
     python benchmarks/speed.py [--threads 2] [--new-tokens 32] [--repeats 3] [--work DIR] [--json F]
-                               [--dtypes float32] [--exact] [--extra "GWQ w3g64=DIR,QuIP# 2-bit=DIR"]
+                               [--dtypes float32] [--exact w4g64] [--extra "GWQ w3g64=DIR,QuIP# 2-bit=DIR"]
 
-``--exact`` adds, for every integer format, a row decoded with float activations (kernel backend
+``--exact NAMES`` adds, for those integer formats, a row decoded with float activations (kernel backend
 ``exact``) next to the default int8-activation decode; ``--extra`` times existing checkpoints (GWQ,
 QuIP#, Squeeze10 … from the other benchmarks' ``--keep`` folders) in the same run.
 
@@ -90,7 +90,7 @@ def main() -> None:
     p.add_argument("--work", default=None, help="folder for the checkpoints (reused when present)")
     p.add_argument("--json", default=None)
     p.add_argument("--dtypes", default="float32,bfloat16", help="activation dtypes tried (the faster is kept)")
-    p.add_argument("--exact", action="store_true", help="also time the integer formats with float activations")
+    p.add_argument("--exact", default="", help="comma-separated formats also timed with float activations")
     p.add_argument("--extra", default="", help="comma-separated NAME=DIR checkpoints to time as well")
     args = p.parse_args()
     args.dtypes = args.dtypes.split(",")
@@ -114,7 +114,7 @@ def main() -> None:
             lowbit.quantize(DEMO, method="rtn", mse=False, out=out, progress=False, **cfg)
         print(name, file=sys.stderr)
         rows[name] = best_of_dtypes(lambda d: lowbit.load(out, device="cpu", dtype=d)[:2], args)
-        if args.exact:
+        if name in args.exact.split(","):
             with kernels.use_backend("exact"):
                 rows[f"{name} exact"] = best_of_dtypes(lambda d: lowbit.load(out, device="cpu", dtype=d)[:2], args)
     for item in filter(None, args.extra.split(",")):

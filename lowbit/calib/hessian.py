@@ -40,14 +40,26 @@ class InputStats:
     def add(self, x: torch.Tensor) -> None:
         self.count += accumulate_hessian(self.S, x)
 
-    def hessian(self) -> torch.Tensor:
-        """``2/N·S`` over every rank's tokens when distributed (sums reduced in float64)."""
+    def hessian(self, free: bool = False) -> torch.Tensor:
+        """``2/N·S`` over every rank's tokens when distributed (sums reduced in float64).
+
+        Converted a few rows at a time (no n×n float64 temporary); ``free=True`` then drops ``S`` (the
+        float64 n×n is not held while the layer is solved; this object can no longer accumulate)."""
         from .distributed import all_reduce_sum, world
 
+        if self.S is None:
+            raise RuntimeError("InputStats.hessian() after hessian(free=True)")
         if world()[1] > 1:
             all_reduce_sum(self.S)
             self.count = int(all_reduce_sum(torch.tensor([self.count], dtype=torch.float64)).item())
-        return (2.0 / max(self.count, 1) * self.S).float()
+        c = 2.0 / max(self.count, 1)
+        H = torch.empty(self.S.shape, dtype=torch.float32, device=self.S.device)
+        rows = max(1, (1 << 20) // max(self.n, 1))
+        for r0 in range(0, self.S.shape[0], rows):
+            H[r0:r0 + rows] = self.S[r0:r0 + rows] * c   # the same float64 product, rounded to float32
+        if free:
+            self.S = None
+        return H
 
 
 class StopForward(Exception):

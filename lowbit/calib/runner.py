@@ -148,7 +148,7 @@ def _solve_in_one_pass(work: nn.Module, lin: dict, groups, h: torch.Tensor, call
             if f"{g[0]}" not in solved:
                 stats = InputStats(args[0].shape[-1], args[0].device)
                 stats.add(args[0])
-                solve_group(g, stats.hessian())
+                solve_group(g, stats.hessian(free=True))
                 solved.add(g[0])
         handles.append(lin[g[0]].register_forward_pre_hook(hook))
     solved: set = set()
@@ -230,7 +230,7 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                 for h, call in zip(inputs, block_calls[i]):
                     outputs.append(_run(work, h, call))
             for g, st in stats.items():
-                solve_group(g, st.hessian())
+                solve_group(g, st.hessian(free=True))
             inputs = outputs
         elif true_sequential and len(inputs) == 1:
             inputs = [_solve_in_one_pass(work, work_lin, groups, inputs[0], block_calls[i][0], solve_group)]
@@ -247,7 +247,7 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                         except StopForward:
                             pass
                 for g, st in stats.items():
-                    solve_group(g, st.hessian())
+                    solve_group(g, st.hessian(free=True))
             inputs = [_run(work, h, call) for h, call in zip(inputs, block_calls[i])]
         if finetune_block is not None:
             names = [n for n in work_lin if f"{spec.blocks}.{i}.{n}" in results]

@@ -24,10 +24,23 @@ def packed_width(n: int, bits: int) -> int:
     return -(-n // 32) * bits
 
 
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes ``(…, n)`` in ``[0, 2^bits)`` -> int32 words ``(…, ceil(n/32)·bits)``."""
+def pack(codes: torch.Tensor, bits: int, chunk: int = 1 << 20) -> torch.Tensor:
+    """Pack integer codes ``(…, n)`` in ``[0, 2^bits)`` -> int32 words ``(…, ceil(n/32)·bits)``.
+
+    Large inputs go about ``chunk`` codes (whole rows) at a time: the int64 temporaries stay small, the
+    words are the same (integer arithmetic)."""
     if not 1 <= bits <= 8:
         raise ValueError(f"bits must be in 1..8, got {bits}")
+    *lead, n = codes.shape
+    if lead and codes.numel() > chunk and n:
+        flat = codes.reshape(-1, n)
+        rows = max(1, chunk // n)
+        words = torch.cat([_pack(flat[r0:r0 + rows], bits) for r0 in range(0, flat.shape[0], rows)])
+        return words.reshape(*lead, words.shape[-1])
+    return _pack(codes, bits)
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, n = codes.shape
     chunks = -(-n // 32)
     c = torch.zeros(*lead, chunks * 32, dtype=torch.int64, device=codes.device)

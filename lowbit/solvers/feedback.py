@@ -29,31 +29,54 @@ class NotPositiveDefinite(ValueError):
     """The Hessian stayed singular after every damping retry."""
 
 
-def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, retries: int = 4) -> tuple[torch.Tensor, float]:
+def inverse_cholesky(H: torch.Tensor, damp: float = 0.01, retries: int = 4,
+                     perm: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """``U`` upper with ``(H + λ·mean(diag H)·I)⁻¹ = UᵀU``; λ starts at ``damp`` and grows ×10 on failure.
 
-    Returns ``(U, λ used)`` in float32.  ``H`` (n, n) must already have its dead inputs fixed (``H_ii = 1``).
+    Returns ``(U, λ used)`` in float32 (column-major).  ``H`` (n, n), any float dtype (read as float32),
+    must already have its dead inputs fixed (``H_ii = 1``); it is only read.  ``perm`` (n,): factor
+    ``H[perm][:, perm]`` (act-order) without materializing that copy.
+
+    Memory: one n×n float32 buffer, which becomes ``U``: the damped copy is factored, inverted and
+    factored again in place (the same LAPACK calls on the same values as
+    ``cholesky(cholesky_inverse(cholesky(H_damped)), upper=True)``, so the result is identical).
     """
-    H = H.float()
-    mean_diag = torch.mean(torch.diag(H))
+    n = H.shape[0]
+    diag = torch.diag(H).float()
+    if perm is not None:
+        diag = diag[perm]
+    mean_diag = torch.mean(diag)
     if not torch.isfinite(mean_diag) or mean_diag <= 0:
         raise NotPositiveDefinite(f"Hessian diagonal mean is {float(mean_diag):g} (no usable calibration signal)")
+    A = torch.empty(n, n, dtype=torch.float32, device=H.device).mT  # column-major, as LAPACK works in place
+    info = torch.empty((), dtype=torch.int32, device=H.device)
     lam = damp
     for _ in range(retries + 1):
-        Hd = H.clone()
-        Hd.diagonal().add_(lam * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        _load(A, H, perm)
+        A.diagonal().add_(lam * mean_diag)
+        torch.linalg.cholesky_ex(A, out=(A, info))                    # L (lower), in place
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            torch.cholesky_inverse(A, out=A)                          # (LLᵀ)⁻¹, in place
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))   # U, in place
             if int(info) == 0:
-                return U, lam
+                return A, lam
         lam *= 10
     raise NotPositiveDefinite(f"Hessian not positive definite even with damping {lam / 10:g}")
 
 
+def _load(A: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | None, rows: int = 256) -> None:
+    """``A ← H`` (or ``H[perm][:, perm]``) as float32; the permuted copy goes ``rows`` columns at a time."""
+    if perm is None:
+        A.copy_(H)
+        return
+    for c0 in range(0, H.shape[0], rows):
+        A[:, c0:c0 + rows] = H.index_select(1, perm[c0:c0 + rows]).index_select(0, perm)
+
+
 def column_feedback(W: torch.Tensor, U: torch.Tensor, quantize: Quantize, *, unit: int = 1,
                     block_size: int = 128, beta: float = 0.0, W_orig: torch.Tensor | None = None,
-                    pullback: str = "next") -> tuple[torch.Tensor, float]:
+                    pullback: str = "next", perm: torch.Tensor | None = None,
+                    with_loss: bool = True) -> tuple[torch.Tensor, float]:
     """Quantize ``W`` (m, n) column unit by unit with error feedback through ``U`` (n, n).
 
     ``block_size`` must be a multiple of ``unit`` and ``n`` a multiple of ``unit``.
@@ -65,6 +88,14 @@ def column_feedback(W: torch.Tensor, U: torch.Tensor, quantize: Quantize, *, uni
     (``pullback="next"``, applied just before that column is quantized) or every remaining column
     after each step (``"all"``; the lazy update of the columns after a block then carries the
     factors ``(1 − β)^k`` so that it equals the column-by-column order exactly).  β = 0 is GPTQ.
+
+    ``perm`` (n,): work on ``W[:, perm]`` (and ``W_orig[:, perm]``) without the caller materializing it;
+    ``U``, the callback's column indices and the returned ``Q`` are then all in that permuted order.
+    ``with_loss=False`` skips the loss (returned as NaN) and its float64 temporaries.
+
+    Memory: the working copy (n, m) and the fed-back errors ((n, m); one block's with ``with_loss=False``).
+    A quantized column's value is stored in place of its working column, so the callback's ``W`` holds
+    the quantized values left of ``start`` (only columns from ``start`` on are meant to be read).
     """
     m, n = W.shape
     if n % unit or block_size % unit:
@@ -73,13 +104,19 @@ def column_feedback(W: torch.Tensor, U: torch.Tensor, quantize: Quantize, *, uni
         raise ValueError(f"pullback must be 'next' or 'all', not {pullback!r}")
     foem = beta != 0.0
     Wt = torch.empty(n, m, dtype=torch.float32, device=W.device)
-    Wt.copy_(W.T)                   # (n, m) working copy: a column of W is a contiguous row here
-    W0t = W_orig.T.float().contiguous() if foem else None
-    Qt = torch.zeros_like(Wt)
-    Errt = torch.zeros_like(Wt)
+    if perm is None:
+        Wt.copy_(W.T)               # (n, m) working copy: a column of W is a contiguous row here
+    else:
+        torch.index_select(W.T.float(), 0, perm, out=Wt)
+    W0t = None
+    if foem:
+        W0t = W_orig.T.float().contiguous() if perm is None else W_orig.T.float()[perm]
+    # fed-back errors: all of them for the loss, else only the current block's (all the lazy update needs)
+    Errt = torch.zeros_like(Wt) if with_loss else torch.zeros(min(block_size, n), m, device=Wt.device)
     W_view = Wt.T                   # the live (m, n) matrix the callback sees
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)
+        E = Errt[b0:b1] if with_loss else Errt[:b1 - b0]             # this block's errors
         for j in range(b0, b1, unit):
             if foem and pullback == "next" and j > 0:
                 Wt[j:j + unit].sub_(beta * (Wt[j:j + unit] - W0t[j:j + unit]))
@@ -91,8 +128,8 @@ def column_feedback(W: torch.Tensor, U: torch.Tensor, quantize: Quantize, *, uni
                 e = d.div_(U[j, j])
             else:  # Ukkᵀ · e = d  with Ukk upper triangular
                 e = torch.linalg.solve_triangular(U[j:j + unit, j:j + unit].T, d, upper=False)
-            Qt[j:j + unit] = q.T
-            Errt[j:j + unit] = e
+            Wt[j:j + unit] = q.T     # the quantized column replaces the working one (never read again)
+            E[j - b0:j - b0 + unit] = e
             if j + unit < b1:
                 Wt[j + unit:b1].sub_(U[j:j + unit, j + unit:b1].T @ e)
                 if foem and pullback == "all":
@@ -103,7 +140,9 @@ def column_feedback(W: torch.Tensor, U: torch.Tensor, quantize: Quantize, *, uni
                 c = (1 - beta) ** torch.arange(steps, 0, -1, dtype=Wt.dtype, device=Wt.device)
                 decay = (1 - beta) ** steps
                 Wt[b1:].mul_(decay).add_(W0t[b1:], alpha=1 - decay)
-                Wt[b1:].sub_(U[b0:b1, b1:].T @ (Errt[b0:b1] * c.repeat_interleave(unit)[:, None]))
+                Wt[b1:].sub_(U[b0:b1, b1:].T @ (E * c.repeat_interleave(unit)[:, None]))
             else:
-                Wt[b1:].sub_(U[b0:b1, b1:].T @ Errt[b0:b1])
-    return Qt.T.contiguous(), float(Errt.double().pow(2).sum() / 2)
+                Wt[b1:].sub_(U[b0:b1, b1:].T @ E)
+    loss = float(Errt.double().pow_(2).sum() / 2) if with_loss else float("nan")
+    del Errt, E, W0t, W_view
+    return Wt.T.contiguous(), loss

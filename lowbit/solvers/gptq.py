@@ -18,7 +18,7 @@ from ..config import Method, QuantConfig
 from ..packed.qweight import GroupQuantWeight
 from .feedback import column_feedback, inverse_cholesky
 from .grid import UniformGrid
-from .loss import codes_from_values, fix_dead_inputs, proxy_loss
+from .loss import codes_from_values, fixed_inputs, proxy_loss
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[GroupQuantWeight, dict]:
@@ -39,7 +39,7 @@ def solve_dense(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, keep: torch.
     exactly 0), so ``Ŵ = dense + sparse``.  ``feedback=False`` uses ``U = I`` (no compensation:
     round-to-nearest on the same grids).  Returns ``(dense packed weight, Ŵ (m, n), info)``.
     """
-    W, H = fix_dead_inputs(W.float().clone(), H.float().clone())
+    W, H = fixed_inputs(W, H)  # read-only from here on (the caller's tensors when nothing needed fixing)
     m, n = W.shape
     gs = cfg.group_size_for(n)
     n_groups = -(-n // gs)
@@ -57,11 +57,9 @@ def solve_dense(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, keep: torch.
         for g in range(n_groups):
             fit(g, W[:, g * gs:(g + 1) * gs], None if keep is None else keep[:, g * gs:(g + 1) * gs])
 
-    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if cfg.act_order and feedback else None
-    W0, H0 = W, H
+    perm = torch.argsort(torch.diag(H).float(), descending=True, stable=True) if cfg.act_order and feedback else None
     keep_p = keep
-    if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
+    if perm is not None:  # W and H stay in the original order: the engine and the factorization permute
         keep_p = None if keep is None else keep[:, perm]
     positions = torch.arange(n, device=W.device)
     orig_col = perm if perm is not None else positions
@@ -69,7 +67,7 @@ def solve_dense(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, keep: torch.
     group_of_list = group_of.tolist()
 
     if feedback:
-        U, lam = inverse_cholesky(H, cfg.damp)
+        U, lam = inverse_cholesky(H, cfg.damp, perm=perm)
     else:
         U, lam = torch.eye(n, device=W.device), 0.0
 
@@ -88,7 +86,9 @@ def solve_dense(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, keep: torch.
 
     block = gs * max(1, cfg.block_size // gs) if not upfront else cfg.block_size
     beta = cfg.beta if cfg.method == Method.FOEM else 0.0
-    Q = column_feedback(W, U, quantize, block_size=block, beta=beta, W_orig=W, pullback=cfg.pullback)[0]
+    Q = column_feedback(W, U, quantize, block_size=block, beta=beta, W_orig=W, pullback=cfg.pullback, perm=perm,
+                        with_loss=False)[0]
+    del U
 
     g_idx = None
     if perm is not None:
@@ -101,4 +101,5 @@ def solve_dense(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, keep: torch.
     if keep is not None:
         codes = torch.where(keep, zeros[:, col_groups].to(codes.dtype), codes)
     qw = GroupQuantWeight.from_codes(codes, scales, None if cfg.sym else zeros, cfg.bits, gs, g_idx)
-    return qw, Q, {"loss": proxy_loss(W0, Q, H0), "damp": lam}
+    del codes
+    return qw, Q, {"loss": proxy_loss(W, Q, H), "damp": lam}

@@ -22,7 +22,7 @@ from ..config import QuantConfig
 from ..packed.qweight import OutlierQuantWeight
 from .feedback import inverse_cholesky
 from .gptq import solve_dense
-from .loss import fix_dead_inputs
+from .loss import fixed_inputs
 
 
 def saliency_scores(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grad: torch.Tensor | None) -> torch.Tensor:
@@ -33,7 +33,7 @@ def saliency_scores(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, grad: to
         return grad.to(device=W.device, dtype=torch.float32)
     if cfg.saliency == "magnitude":
         return W.float().abs()
-    _, Hf = fix_dead_inputs(W.float().clone(), H.float().clone())
+    _, Hf = fixed_inputs(W, H)
     U, _ = inverse_cholesky(Hf, cfg.damp)
     hinv_diag = U.pow(2).sum(dim=0)  # diag(UᵀU) = diag(H⁻¹)
     return W.float().pow(2) / hinv_diag.pow(2)[None, :]

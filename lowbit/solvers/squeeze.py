@@ -30,7 +30,7 @@ from ..packed.mixed import MixedBinaryWeight
 from .feedback import column_feedback, inverse_cholesky
 from .gptq import solve_dense
 from .grid import FP16_MIN_NORMAL, UniformGrid
-from .loss import fix_dead_inputs, proxy_loss
+from .loss import fixed_inputs, proxy_loss
 
 
 def binary_fit(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +97,7 @@ def choose_high(scores: torch.Tensor, binary_frac: float) -> torch.Tensor:
 
 def solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[MixedBinaryWeight, dict]:
     """Squeeze10 for one layer.  ``info = {"loss", "damp", "binary_frac": measured fraction of binary weights}``."""
-    W, H = fix_dead_inputs(W.float().clone(), H.float().clone())
+    W, H = fixed_inputs(W, H)  # read-only from here on (the caller's tensors when nothing needed fixing)
     m, n = W.shape
     gs = cfg.group_size_for(n)
     G = -(-n // gs)
@@ -109,13 +109,14 @@ def solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[MixedBina
         R = W
     residual = cfg.binary_residual
     high = choose_high(cell_scores(R, H, gs, cfg.squeeze_score, residual), cfg.binary_frac).to(W.device)
+    del R
 
     grid = UniformGrid(cfg.high_bits, cfg.sym, cfg.mse)
     p1 = torch.zeros(m, G, device=W.device)
     p2 = torch.zeros(m, G, device=W.device)
     p3 = torch.zeros(m, G, device=W.device)   # residual: α₂ (binary cells)
-    T = torch.zeros(m, n, device=W.device)    # residual: first sign t of the binary weights
-    Ures = torch.zeros(m, n, device=W.device)  # residual: second sign u of the binary weights
+    T = torch.zeros(m, n, device=W.device) if residual else None    # residual: first sign t of the binary weights
+    Ures = torch.zeros(m, n, device=W.device) if residual else None  # residual: second sign u of the binary weights
     U, lam = inverse_cholesky(H, cfg.damp)
 
     def quantize(p: int, Wlive: torch.Tensor) -> torch.Tensor:
@@ -140,7 +141,8 @@ def solve(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> tuple[MixedBina
         qh = (torch.clamp(torch.round(w / s1.clamp(min=FP16_MIN_NORMAL)) + s2, 0, grid.maxq) - s2) * s1
         return torch.where(high[:, g:g + 1], qh, qb)
 
-    Q, _ = column_feedback(W, U, quantize, block_size=gs * max(1, cfg.block_size // gs))
+    Q, _ = column_feedback(W, U, quantize, block_size=gs * max(1, cfg.block_size // gs), with_loss=False)
+    del U
     col_group = torch.arange(n, device=W.device) // gs
     hw = high[:, col_group]
     P1, P2 = p1[:, col_group], p2[:, col_group]
