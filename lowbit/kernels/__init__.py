@@ -88,7 +88,7 @@ def plan(packed, x: torch.Tensor):
         return functools.partial(reference.matmul, packed)
     if name in _INT8_ACT:
         return _MODULES[name].plan(packed, int8_act=_backend == "auto")
-    return functools.partial(_MODULES[name].matmul, packed)
+    return _MODULES[name].plan(packed)
 
 
 def plan_key(x: torch.Tensor) -> tuple:

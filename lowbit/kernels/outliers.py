@@ -42,8 +42,9 @@ def plan(packed, int8_act: bool = False):
             w = group_cpu.dequantize(packed.dense)
             w[rows, cols] += val
             return F.linear(x, w.to(x.dtype))
-        y = dense(x2.float())
-        y.index_add_(1, rows, x2.float()[:, cols] * val)
+        xf = x2.float()
+        y = dense(xf)
+        y.index_add_(1, rows, xf[:, cols] * val)
         return y.to(x.dtype).view(*x.shape[:-1], m)
 
     return run

@@ -23,7 +23,6 @@ process, and returns ``False`` (with the reason in :func:`unavailable_reason`) w
 """
 from __future__ import annotations
 
-import weakref
 from functools import lru_cache
 
 import torch
@@ -82,22 +81,6 @@ def _tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return A.contiguous(), S.contiguous(), e8p.residual_codebook().float().contiguous()
 
 
-_signs_cache: dict[int, tuple] = {}
-
-
-def _signs(packed):
-    """``packed.signs()`` (unpacking 1-bit planes costs more than a decode step), cached per live weight."""
-    if packed.su is None:
-        return None, None
-    hit = _signs_cache.get(id(packed))
-    if hit is not None and hit[0]() is packed and hit[1] is packed.su and hit[2] is packed.sv:
-        return hit[3]
-    signs = packed.signs()
-    key = id(packed)
-    _signs_cache[key] = (weakref.ref(packed, lambda _r, k=key: _signs_cache.pop(k, None)), packed.su, packed.sv, signs)
-    return signs
-
-
 @lru_cache(maxsize=None)
 def _hadamard(n: int) -> tuple[torch.Tensor, int]:
     """``(H_K (K, K) fp32, P)`` with ``n = K·P`` (the decomposition :func:`hadamard_transform` uses)."""
@@ -135,13 +118,23 @@ def rotated_matmul(packed, xv: torch.Tensor, scalar: bool = False) -> torch.Tens
     return xv @ rotated(packed, scalar).T
 
 
-def matmul(packed, x: torch.Tensor, scalar: bool = False, fast_rht: bool = True) -> torch.Tensor:
-    """``y = x Wᵀ``: ``x`` (…, n) float -> (…, m) in ``x.dtype`` (no bias).  ``scalar`` forces the portable
-    (non-AVX2) decode loop, ``fast_rht=False`` the torch Hadamard transforms (tests)."""
+def plan(packed, scalar: bool = False, fast_rht: bool = True):
+    """``x -> x Wᵀ`` for this weight, with the sign vectors unpacked once (unpacking the 1-bit planes costs
+    more than a decode step): ``x`` (…, n) float -> (…, m) in ``x.dtype`` (no bias).  ``scalar`` forces the
+    portable (non-AVX2) decode loop, ``fast_rht=False`` the torch Hadamard transforms (tests)."""
     m, n = packed.shape
-    if x.numel() == 0:  # (torch.fft refuses empty batches)
-        return x.new_zeros(*x.shape[:-1], m)
-    su, sv = _signs(packed)
-    xv = _rht(x.reshape(-1, n).float(), sv, packed.in_kind, False, fast_rht)
-    y = _rht(rotated_matmul(packed, xv, scalar), su, packed.out_kind, True, fast_rht)
-    return y.to(x.dtype).view(*x.shape[:-1], m)
+    su, sv = packed.signs()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == 0:  # (torch.fft refuses empty batches)
+            return x.new_zeros(*x.shape[:-1], m)
+        xv = _rht(x.reshape(-1, n).float(), sv, packed.in_kind, False, fast_rht)
+        y = _rht(rotated_matmul(packed, xv, scalar), su, packed.out_kind, True, fast_rht)
+        return y.to(x.dtype).view(*x.shape[:-1], m)
+
+    return run
+
+
+def matmul(packed, x: torch.Tensor, scalar: bool = False, fast_rht: bool = True) -> torch.Tensor:
+    """``y = x Wᵀ`` (…, m): :func:`plan` ``(packed, scalar, fast_rht)(x)``."""
+    return plan(packed, scalar, fast_rht)(x)
