@@ -3,6 +3,7 @@ formats, all measured in one run, plus the memory-bandwidth bound on batch-1 dec
 
     python benchmarks/speed.py [--threads 2] [--new-tokens 32] [--repeats 3] [--work DIR] [--json F]
                                [--dtypes float32] [--exact w4g64] [--extra "GWQ w3g64=DIR,QuIP# 2-bit=DIR"]
+                               [--formats "w4g64,w3g64"]
 
 ``--exact NAMES`` adds, for those integer formats, a row decoded with float activations (kernel backend
 ``exact``) next to the default int8-activation decode; ``--extra`` times existing checkpoints (GWQ,
@@ -92,7 +93,11 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32,bfloat16", help="activation dtypes tried (the faster is kept)")
     p.add_argument("--exact", default="", help="comma-separated formats also timed with float activations")
     p.add_argument("--extra", default="", help="comma-separated NAME=DIR checkpoints to time as well")
+    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated RTN formats to time (default: all)")
     args = p.parse_args()
+    unknown = set(filter(None, args.formats.split(","))) - set(FORMATS)
+    if unknown:
+        p.error(f"--formats: unknown {', '.join(sorted(unknown))} (choose from {', '.join(FORMATS)})")
     args.dtypes = args.dtypes.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,6 +114,8 @@ def main() -> None:
         del model
         gc.collect()
     for name, cfg in FORMATS.items():
+        if name not in args.formats.split(","):
+            continue
         out = work / name.replace(" ", "-")
         if not (out / "lowbit.json").exists():
             lowbit.quantize(DEMO, method="rtn", mse=False, out=out, progress=False, **cfg)

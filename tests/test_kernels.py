@@ -81,11 +81,11 @@ def test_int8_blocks_rounding():
 
 @fast
 def test_int8_path_not_used_where_it_does_not_apply():
-    assert not group_cpu.int8_supported(random_weight(8, 576, 3, 64, False))         # 3-bit
+    assert not group_cpu.int8_supported(random_weight(8, 576, 5, 64, False))         # 5-bit
     assert not group_cpu.int8_supported(random_weight(8, 576, 2, 32, False))         # 2-bit needs 64-blocks
     assert not group_cpu.int8_supported(random_weight(8, 100, 4, 32, False))         # n % 32
     assert not group_cpu.int8_supported(random_weight(8, 576, 4, 64, False, g_idx=True))
-    p = random_weight(8, 576, 3, 64, False)
+    p = random_weight(8, 576, 5, 64, False)
     x = torch.randn(1, 576)
     assert torch.allclose(group_cpu.matmul(p, x, int8_act=True), reference.matmul(p, x), rtol=1e-5, atol=1e-5)
 
@@ -138,6 +138,25 @@ def test_outlier_kernel_matches_reference(tokens, g_idx):
     y8 = outliers.matmul(outl, x, int8_act=True)
     assert ((y8 - ref).norm() / ref.norm()).item() < 0.03
     assert kernels.kernel_name(outl, x) == "outliers"
+
+
+@fast
+def test_outlier_kernel_wide_rows_and_bf16():
+    """n > 32768 stores int32 columns (int16 otherwise); bf16 inputs come back as bf16 with the same values."""
+    gen = torch.Generator().manual_seed(0)
+    n = 33000
+    dense = random_weight(8, n, 4, 120, False, seed=2)
+    mask = torch.rand(8, n, generator=gen) < 0.01
+    mask[:, -1] = True  # the last columns need all 16 bits
+    outl = OutlierQuantWeight.from_dense(dense, torch.randn(8, n, generator=gen) * 2, mask)
+    assert outl.outlier_col.dtype == torch.int32
+    x = torch.randn(2, n, generator=gen)
+    ref = reference.matmul(outl, x)
+    with kernels.use_backend("exact"):
+        assert torch.allclose(kernels.matmul(outl, x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        yb = kernels.matmul(outl, x.bfloat16())
+    assert yb.dtype == torch.bfloat16
+    assert ((yb.float() - ref).norm() / ref.norm()).item() < 0.02
 
 
 def test_fallback_when_kernel_unavailable(monkeypatch):

@@ -68,7 +68,8 @@ def test_offload_writes_identical_files(case, tiny_models, tiny_text, tmp_path):
 
 
 def test_never_all_blocks_in_float(tiny_models, tiny_text, tmp_path, monkeypatch):
-    """At each ``materialize(i)``: blocks before i hold only packed linears, blocks after i are still on meta."""
+    """At each ``materialize(i)``: blocks before i hold only packed linears, blocks after i are still on meta,
+    and so are the token embedding and the head (released once block 0's inputs are captured)."""
     seen = []
     orig = offload_mod.DiskOffload.materialize
 
@@ -81,6 +82,8 @@ def test_never_all_blocks_in_float(tiny_models, tiny_text, tmp_path, monkeypatch
                 assert float_linear_bytes == 0 and any(isinstance(m, QuantLinear) for m in blk.modules())
             else:
                 assert all(p.device.type == "meta" for p in blk.parameters()), (i, j)
+        for emb in (self.model.get_input_embeddings(), self.model.get_output_embeddings()):
+            assert emb.weight.device.type == "meta", i
         seen.append(i)
         orig(self, i)
 

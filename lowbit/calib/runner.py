@@ -181,10 +181,13 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
 
     ``offload`` (optional, :class:`lowbit.models.offload.DiskOffload`): the blocks' parameters start on the ``meta``
     device; ``offload.materialize(i)`` loads block ``i`` just before it is processed (or restored) and
-    ``offload.release(i)`` runs once its linears are :class:`QuantLinear`, so at most one block is ever in float."""
+    ``offload.release(i)`` runs once its linears are :class:`QuantLinear`, so at most one block is ever in float;
+    the embedding and head are released after the inputs are captured and read back at the end."""
     blocks = blocks_of(model, spec)
     _move_outside_blocks(model, spec.blocks, device)
     inputs, block_calls = capture(model, blocks, windows, batch_size, device, dtype)
+    if offload is not None:
+        offload.release_embeddings()  # not needed again until the model is saved
     results: dict[str, tuple[object, dict]] = {}
     start = 0
     if checkpoints is not None:
@@ -273,5 +276,8 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
             checkpoints.save(i, {n: r for n, r in results.items() if n.startswith(prefix)}, inputs)
         if progress:
             bar.write(f"block {i:3d}  " + "  ".join(f"{k} {v:.4g}" for k, v in losses.items()))
+    if offload is not None:
+        offload.materialize_embeddings()
+        _move_outside_blocks(model, spec.blocks, device)
     return results
 

@@ -68,10 +68,10 @@ def dequantize(packed) -> torch.Tensor:
 
 
 def int8_supported(packed) -> bool:
-    """Whether the int8-activation decode path applies: AVX2 build, 2/4/8-bit codes, contiguous groups,
+    """Whether the int8-activation decode path applies: AVX2 build, 2/3/4/8-bit codes, contiguous groups,
     ``n`` and the group size multiples of the activation block (32; 64 for 2-bit)."""
     qb = 64 if packed.bits == 2 else 32
-    return (packed.bits in (2, 4, 8) and packed.g_idx is None and packed.shape[1] % qb == 0
+    return (packed.bits in (2, 3, 4, 8) and packed.g_idx is None and packed.shape[1] % qb == 0
             and packed.group_size % qb == 0 and _load() is not None and _state["module"].has_q8())
 
 

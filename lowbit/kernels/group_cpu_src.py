@@ -347,7 +347,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm", &gemm, "y = x @ W^T for a packed group-wise int weight (fp32)");
   m.def("dequantize", &dequantize, "W^ (m, n) fp32 from a packed group-wise int weight");
 #ifdef LOWBIT_Q8
-  m.def("gemm_q8", &gemm_q8, "y = x^ @ W^T with x rounded to int8 blocks (AVX2 integer dot products; 2/4/8 bits)");
+  m.def("gemm_q8", &gemm_q8, "y = x^ @ W^T with x rounded to int8 blocks (AVX2 integer dot products; 2/3/4/8 bits)");
 #endif
   m.def("has_q8", &has_q8, "whether the int8-activation path (gemm_q8) was compiled");
   m.def("has_avx512", &has_avx512, "whether the AVX-512 path was compiled");

@@ -18,6 +18,7 @@ dequantized once, in full, to fill that cache).  Hub ids must be downloaded firs
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 from contextlib import contextmanager
@@ -116,7 +117,43 @@ class DiskOffload:
 
     def release(self, i: int) -> None:
         """After block ``i`` is quantized: drop what is no longer referenced (its float linear weights)."""
-        gc.collect()
+        _free_memory()
+
+    def _embedding_modules(self) -> dict[str, nn.Module]:
+        """``{name: module}`` of the input embedding and the output head (one entry when they are the same module)."""
+        wanted = {id(m) for m in (self.model.get_input_embeddings(), self.model.get_output_embeddings()) if m is not None}
+        return {name: m for name, m in self.model.named_modules() if id(m) in wanted}
+
+    def release_embeddings(self) -> None:
+        """Once the calibration inputs of block 0 are captured, the token embedding and the head are not needed
+        until the model is saved: their parameters go back to ``meta`` (on a 0.9 B model with a 49 k vocabulary
+        that is 0.4 GB of float32) until :meth:`materialize_embeddings` reads them again."""
+        for mod in self._embedding_modules().values():
+            for leaf, p in list(mod._parameters.items()):
+                if p is not None and p.device.type != "meta":
+                    mod._parameters[leaf] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+        _free_memory()
+
+    def materialize_embeddings(self) -> None:
+        """Read the embedding and head back from the safetensors files (tied heads are tied again)."""
+        tied = getattr(self.model.config, "tie_word_embeddings", False)
+        out = self.model.get_output_embeddings()
+        with torch.no_grad():
+            for name, mod in self._embedding_modules().items():
+                if tied and mod is out and mod is not self.model.get_input_embeddings():
+                    continue  # tie_weights() below points it at the input embedding
+                self.load_into(mod, name)
+            if tied:
+                self.model.tie_weights()
+
+
+def _free_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise, and they count in RSS)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def load_offloaded(source: str, blocks_path_of, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
