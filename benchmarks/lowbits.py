@@ -37,13 +37,14 @@ def main() -> None:
     add_common_args(ap)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--only", default="", help="comma-separated substrings (=NAME: exact): run only matching configs")
+    ap.add_argument("--no-fp", action="store_true", help="skip the FP row")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
     todo = configs(a.group_size, a.nsamples)
     todo = select(todo, a.only)
     with workdir(a.keep) as tmp:
-        rows = [fp_row(a.model, a.text, a.seqlen, a.max_tokens, tmp)]
+        rows = [] if a.no_fp else [fp_row(a.model, a.text, a.seqlen, a.max_tokens, tmp)]
         rows += [quantized_row(name, a.model, args, a.text, a.seqlen, a.max_tokens, tmp) for name, args in todo]
     print_table(rows, f"{a.model}, text '{a.text}', seqlen {a.seqlen}, {a.max_tokens} tokens scored; "
                       f"calibration {a.nsamples} x {a.seqlen} tokens", a.json)

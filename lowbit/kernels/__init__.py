@@ -5,16 +5,18 @@
 
 * :mod:`.group_cpu` — compiled CPU kernel reading the canonical ``GroupQuantWeight`` layout
   (kind ``"int"``, 1–8 bits, any group size, partial last group, sym/asym, ``g_idx``);
-* :mod:`.outliers` — GWQ's ``"int+outliers"``: the same kernel for the dense part + a sparse gather;
+* :mod:`.outliers` — GWQ's ``"int+outliers"``: the same kernel for the dense part + a CSR kernel for the outliers;
 * :mod:`.quip_cpu` — QuIP#'s E8P/RVQ codes decoded on the fly (``"quip"``, codebook ``e8p``);
+* :mod:`.mixed_cpu` — Squeeze10's mixed binary / high-bit cells (``"bin+int"``): bit-plane table lookups and
+  the high cells' codes read on the fly, float activations (the same result under ``"auto"`` and ``"exact"``);
 * :mod:`.reference` — ``x @ packed.dequantize(x.dtype).T`` for everything else: other formats
-  (``"bin+int"``, formats added later), CUDA tensors, inputs that need gradients,
+  (formats added later), CUDA tensors, inputs that need gradients,
   or when the fast kernel cannot be built (no C++ compiler); that fallback is announced once with
   :func:`warnings.warn`.
 
 Backends (``LOWBIT_KERNELS=…`` or :func:`use_backend`; tests use it to compare paths on the same model):
 
-* ``"auto"`` (default) — fast kernels; batch-1 decoding of 2/4/8-bit weights rounds the activations to
+* ``"auto"`` (default) — fast kernels; batch-1 decoding of 2/3/4/8-bit ``"int"`` weights rounds the activations to
   int8 blocks of 32 (64 for 2-bit) and uses integer dot products, as llama.cpp's Q8 activations do
   (relative output error ≈ 0.5 %); prefill (many tokens) is exact;
 * ``"exact"`` — fast kernels, float activations everywhere (the result of ``"reference"`` up to fp32
@@ -30,12 +32,12 @@ import warnings
 
 import torch
 
-from . import group_cpu, outliers, quip_cpu, reference
+from . import group_cpu, mixed_cpu, outliers, quip_cpu, reference
 
 __all__ = ["matmul", "plan", "plan_key", "kernel_name", "use_backend", "backend", "warm_up"]
 
 BACKENDS = ("auto", "exact", "reference")
-_MODULES = {"group_cpu": group_cpu, "outliers": outliers, "quip_cpu": quip_cpu}
+_MODULES = {"group_cpu": group_cpu, "outliers": outliers, "quip_cpu": quip_cpu, "mixed_cpu": mixed_cpu}
 _INT8_ACT = ("group_cpu", "outliers")  # kernels with an int8-activation decode path
 _backend = os.environ.get("LOWBIT_KERNELS", "auto")
 _warned: set[str] = set()
