@@ -5,19 +5,10 @@ import torch
 
 from lowbit.kernels import group_cpu, reference
 from lowbit.packed.qweight import GroupQuantWeight
+from test_kernels import random_weight
 
 q8 = pytest.mark.skipif(not group_cpu.available() or not group_cpu._state["module"].has_q8(),
                         reason=f"no int8 path: {group_cpu.unavailable_reason()}")
-
-
-def random_weight(m, n, bits, gs, sym, g_idx=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    G = -(-n // gs)
-    codes = torch.randint(0, 2 ** bits, (m, n), generator=gen)
-    scales = torch.rand(m, G, generator=gen) * 0.05 + 0.005
-    zeros = None if sym else torch.randint(0, 2 ** bits, (m, G), generator=gen).float()
-    gi = torch.randperm(n, generator=gen) // gs if g_idx else None
-    return GroupQuantWeight.from_codes(codes, scales, zeros, bits, gs, g_idx=gi)
 
 
 # (m, n, gs): m not a multiple of 8 (or 32: the kernel's row tiles), n = 576, group sizes 32/64/128 and n

@@ -6,7 +6,7 @@
 
 * few tokens (decoding): ``x Dᵀ`` by :func:`lowbit.kernels.group_cpu.matmul` (weights stay packed), the
   sparse part by a small compiled CSR kernel (:mod:`.outliers_src`) reading the stored ``rowptr``/``col``/``val``
-  as they are — O(nnz), ≈ 10× faster than PyTorch's gather + ``index_add_`` on one thread;
+  as they are — O(nnz), ≈ 3× faster than PyTorch's gather + ``index_add_`` on one thread;
 * many tokens (prefill): ``Ŵ`` is built once (the group kernel's dequantization + the outliers added at
   their positions, exactly the reference ``dequantize``) and multiplied by BLAS.
 """
