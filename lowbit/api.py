@@ -79,14 +79,17 @@ def _solve(cfg: QuantConfig, W: torch.Tensor, H: torch.Tensor | None, name: str 
         raise LowbitError(f"layer '{name}': {e}; try more calibration data or a larger --damp") from None
 
 
-def _quip_finetuner(quant: QuantConfig, world_size: int, progress: bool):
-    """QuIP#'s per-block fine-tuning callback for the runner (``None`` unless ``--method quip --finetune``)."""
-    if quant.method != Method.QUIP or not quant.finetune:
+def _block_finetuner(quant: QuantConfig, world_size: int, progress: bool):
+    """The per-block fine-tuning callback for the runner: QuIP#'s signs/scales or Squeeze10's cell scales
+    (``None`` unless ``--finetune``)."""
+    if not quant.finetune:
         return None
     if world_size > 1:
         raise LowbitError("--finetune runs in a single process (each rank would train on its own shard)")
-    from .quip.finetune import BlockFinetuner
-
+    if quant.method == Method.QUIP:
+        from .quip.finetune import BlockFinetuner
+    else:
+        from .solvers.squeeze_scales import BlockFinetuner
     return BlockFinetuner(quant.ft_steps, quant.ft_lr, progress)
 
 
@@ -199,7 +202,7 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
                                   true_sequential=calib.true_sequential, progress=progress,
                                   fp_targets=calib.fp_targets if calib.fp_targets is not None
                                   else quant.method == Method.SQUEEZE,
-                                  finetune_block=_quip_finetuner(quant, world_size, progress), offload=offload)
+                                  finetune_block=_block_finetuner(quant, world_size, progress), offload=offload)
     fp_model.to("cpu")
     if quant.head_bits:  # the output head too (data-free RTN; see lowbit.models.head)
         head_name, packed, info = quantize_head(fp_model, quant.head_bits, _solve)

@@ -175,14 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QuIP#: randomized Hadamard transform on both sides (default on; --no-rht: ablation)")
     q.add_argument("--scale-search", action=argparse.BooleanOptionalAction, default=True,
                    help="QuIP#: try 3 per-matrix scales, keep the lowest proxy loss (default on)")
-    q.add_argument("--finetune", action="store_true", help="QuIP#: per-block Adam on signs/scales vs FP outputs")
-    q.add_argument("--ft-steps", type=int, default=50, help="QuIP#: fine-tuning steps per block (default 50)")
-    q.add_argument("--ft-lr", type=float, default=1e-3, help="QuIP#: fine-tuning learning rate (default 1e-3)")
+    q.add_argument("--finetune", action="store_true", help="QuIP#: per-block Adam on signs/scales vs FP outputs; Squeeze10: on the cells' scales/offsets (FIAS)")
+    q.add_argument("--ft-steps", type=int, default=50, help="--finetune: Adam steps per block (default 50)")
+    q.add_argument("--ft-lr", type=float, default=None,
+                   help="--finetune: learning rate (default 1e-3 for quip, 5e-3 for squeeze)")
     q.add_argument("--head-bits", type=int, default=0,
                    help="also quantize the output head (lm_head) with RTN at this width, symmetric, groups of 32 "
                         "(default 0: keep it float, as GPTQ tools do; llama.cpp quantizes it)")
     q.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=None,
-                   help="FIAS: Hessians from the FP model's activations (default: on for squeeze only)")
+                   help="FIAS: each layer reproduces the FP model's outputs from its quantized inputs (default: on for squeeze only)")
     q.add_argument("--train-text", default=None, help="DL-QAT: training text (default: --calib, i.e. the calibration plays)")
     q.add_argument("--steps", type=int, default=None, help="DL-QAT: optimizer steps (default 200)")
     q.add_argument("--lora-rank", type=int, default=None, help="DL-QAT: LoRA rank r (default 8)")

@@ -54,9 +54,9 @@ class QuantConfig:
     rht: bool = True              # QuIP#: randomized Hadamard transform on both sides (False: ablation)
     rht_seed: int = 0             # QuIP#: sign vectors seeded by (rht_seed, layer shape, side)
     scale_search: bool = True     # QuIP#: pick the per-matrix scale among a few ρ by proxy loss (False: fixed ρ)
-    finetune: bool = False        # QuIP#: per-block Adam on signs and scales against the FP block outputs
-    ft_steps: int = 50            # QuIP#: fine-tuning steps per block
-    ft_lr: float = 1e-3           # QuIP#: Adam learning rate of the signs (scales: ft_lr / 10)
+    finetune: bool = False        # QuIP#/Squeeze10: per-block Adam on signs/scales against the FP block outputs
+    ft_steps: int = 50            # QuIP#/Squeeze10: fine-tuning steps per block
+    ft_lr: float | None = None    # Adam lr; None = 1e-3 (QuIP#: signs, scales at lr/10), 5e-3 (Squeeze10: cell factors)
     head_bits: int = 0            # output head (lm_head) too: 0 = keep it float; 2…8 = RTN, sym, groups of 32
 
     def __post_init__(self):
@@ -65,6 +65,8 @@ class QuantConfig:
         except ValueError:
             raise LowbitError(f"--method: unknown method {self.method!r} (choose from "
                               f"{', '.join(m.value for m in Method)})") from None
+        if self.ft_lr is None:  # the learning rates the benchmarks ran with, per method (BENCHMARKS.md)
+            object.__setattr__(self, "ft_lr", 5e-3 if self.method == Method.SQUEEZE else 1e-3)
         if self.bits not in SUPPORTED_BITS:
             raise LowbitError(f"--bits {self.bits} is not supported (choose from {', '.join(map(str, SUPPORTED_BITS))})")
         if self.head_bits and self.head_bits not in SUPPORTED_BITS:
@@ -100,9 +102,11 @@ class QuantConfig:
         if self.method == Method.QUIP and self.bits not in (2, 3, 4):
             raise LowbitError(f"--bits {self.bits} is not supported by --method quip (choose 2, 3 or 4)")
         if self.method != Method.QUIP:
-            for flag, off in (("--codebook", self.codebook == "e8p"), ("--no-rht", self.rht), ("--finetune", not self.finetune)):
+            for flag, off in (("--codebook", self.codebook == "e8p"), ("--no-rht", self.rht)):
                 if not off:
                     raise LowbitError(f"{flag} applies only to --method quip")
+        if self.finetune and self.method not in (Method.QUIP, Method.SQUEEZE):
+            raise LowbitError("--finetune applies only to --method quip or squeeze")
         if self.ft_steps < 0 or not 0 < self.ft_lr < 1:
             raise LowbitError(f"--ft-steps {self.ft_steps} / --ft-lr {self.ft_lr}: steps must be >= 0, lr in (0, 1)")
 
@@ -127,7 +131,7 @@ class CalibConfig:
     batch_size: int = 0           # windows per forward pass in the runner; 0 = auto (65 536 tokens)
     dtype: str = "auto"           # activations' dtype in the runner: auto = bfloat16 on CPU/CUDA if supported
     true_sequential: bool = True  # re-run the block between linear groups (q/k/v, o, gate/up, down)
-    fp_targets: bool | None = None  # FIAS: Hessians from the FP model's activations (None = on for squeeze only)
+    fp_targets: bool | None = None  # FIAS: layer targets from the FP model's stream (calib/fias.py; None = on for squeeze only)
     grad_samples: int = 16        # GWQ: calibration windows back-propagated for Σ|∂L/∂W|
     grad_checkpointing: bool = False  # GWQ: recompute each block in the backward pass (less memory)
     offload: str = "none"         # "disk": blocks' weights stay in the safetensors files until quantized (lowbit.models.offload)

@@ -14,9 +14,11 @@
 3. **Propagate.** The quantized block's outputs become the next block's inputs; the model's block
    gets :class:`QuantLinear` modules holding the packed weights.
 
-With ``fp_targets`` (FIAS, Squeeze10) the working copy keeps its float weights: every Hessian is
-collected from the full-precision model's activations in one pass per block, and the float block's
-outputs feed the next block, so quantization errors never reach later layers' statistics.
+With ``fp_targets`` (FIAS, Squeeze10) a float copy of every block runs beside the working copy on
+the FP stream (the float model's hidden states): each layer is solved for the target of
+:mod:`lowbit.calib.fias`, ``W* = (W C + λW)(H + λI)⁻¹`` with ``H`` from its quantized-stream inputs
+and ``C`` their cross moments with the FP stream's, so it reproduces the *float* layer's outputs from
+the inputs it really gets and compensates the errors of every layer before it.
 
 The runner never knows which method it runs: ``solve(W (m, n) float32, H (n, n), name) -> (packed, info)``
 with ``name`` the layer's full dotted name.
@@ -35,6 +37,7 @@ from ..models.arch import ArchSpec, blocks_of, linears_of
 from ..packed.qlinear import QuantLinear
 from ..packed.qweight import from_tensors
 from .distributed import broadcast_from_owner
+from .fias import CrossStats, fias_target, input_of
 from .hessian import InputStats, StopForward, capture_inputs
 from .resume import BlockCheckpoints
 
@@ -119,10 +122,12 @@ def _run(block: nn.Module, h: torch.Tensor, call: tuple) -> torch.Tensor:
 def discover_groups(block: nn.Module, h: torch.Tensor, call: tuple) -> tuple[tuple[str, ...], ...]:
     """Group a block's linears by shared input, in call order, from one forward pass."""
     order: dict = {}
+    alive: list = []  # holds every seen input, so a freed one's address cannot be reused by a later input
     handles = []
     for name, lin in linears_of(block).items():
         def hook(_m, args, name=name):
             x = args[0]
+            alive.append(x)
             order.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
         handles.append(lin.register_forward_pre_hook(hook))
     try:
@@ -169,12 +174,13 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
     """Quantize every linear of every block of ``model`` in place (they become :class:`QuantLinear`);
     ``windows`` (N, T) are the calibration token ids.  Returns ``{layer name: (packed, info)}``.
 
-    ``finetune_block(work, fp_block, inputs, calls) -> None`` (optional, e.g. QuIP#'s fine-tuning) runs after a
-    block's linears are solved: ``work`` holds them as :class:`QuantLinear` modules (on the device, calibration
-    dtype), ``fp_block`` is a float copy of the original block, ``inputs``/``calls`` the block's micro-batches
-    and their ``(args, kwargs)``.  It may replace ``work``'s QuantLinear modules; their packed weights are the
-    result, and the next block's inputs are recomputed through ``work``.  It is called with the block index as
-    a fifth argument (so its randomness does not depend on how many blocks this process ran).
+    ``finetune_block(work, fp_block, inputs, calls, index, fp_inputs) -> None`` (optional, :mod:`lowbit.calib.finetune`)
+    runs after a block's linears are solved: ``work`` holds them as :class:`QuantLinear` modules (on the device,
+    calibration dtype), ``fp_block`` is a float copy of the original block, ``inputs``/``calls`` the block's
+    micro-batches and their ``(args, kwargs)``, ``index`` the block's index (so its randomness does not depend
+    on how many blocks this process ran), ``fp_inputs`` the FP stream's micro-batches (FIAS) or ``None``.  It may
+    replace ``work``'s QuantLinear modules; their packed weights are the result, and the next block's inputs are
+    recomputed through ``work``.
 
     ``checkpoints`` (optional, :mod:`lowbit.calib.resume`): every finished block is committed there with the next
     block's inputs; blocks it restores get their QuantLinear modules and results back and are skipped.
@@ -188,12 +194,14 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
     inputs, block_calls = capture(model, blocks, windows, batch_size, device, dtype)
     if offload is not None:
         offload.release_embeddings()  # not needed again until the model is saved
+    fp_inputs = list(inputs) if fp_targets else []  # FIAS: the float model's stream
     results: dict[str, tuple[object, dict]] = {}
     start = 0
     if checkpoints is not None:
         start, results, saved = checkpoints.restore(len(blocks))
         if saved is not None:
-            inputs = [h.to(device) for h in saved]
+            saved = [h.to(device) for h in saved]
+            inputs, fp_inputs = (saved[:len(saved) // 2], saved[len(saved) // 2:]) if fp_targets else (saved, [])
         for name, (packed, _) in results.items():
             if offload is not None and name.startswith(f"{spec.blocks}."):
                 j = int(name[len(spec.blocks) + 1:].split(".", 1)[0])
@@ -211,30 +219,31 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
         work_lin, orig_lin = linears_of(work), linears_of(block)
         groups = spec.groups or discover_groups(work, inputs[0], block_calls[i][0])
         losses: dict[str, float] = {}
-        block_inputs = inputs
+        block_inputs, block_fp_inputs = inputs, fp_inputs
 
-        def solve_group(g: tuple[str, ...], H: torch.Tensor) -> None:
+        def solve_group(g: tuple[str, ...], H: torch.Tensor, C: torch.Tensor | None = None) -> None:
             for name in g:
                 W = orig_lin[name].weight.detach().to(device=device, dtype=torch.float32)
+                if C is not None:
+                    W = fias_target(W, H, C)
                 full = f"{spec.blocks}.{i}.{name}"
-                packed, info = solve(W, H, full)
-                if not fp_targets:
-                    w = broadcast_from_owner(packed.dequantize(torch.float32).to(device))  # same block on all ranks
-                    work_lin[name].weight.data = w.to(dtype)
+                packed, info = solve(W, H.float() if C is not None else H, full)
+                w = broadcast_from_owner(packed.dequantize(torch.float32).to(device))  # same block on all ranks
+                work_lin[name].weight.data = w.to(dtype)
                 results[full] = (packed, info)
                 losses[name.rsplit(".", 1)[-1]] = info.get("loss", float("nan"))
 
         if fp_targets:
-            stats = {g: InputStats(work_lin[g[0]].in_features, torch.device(device)) for g in groups}
-            outputs = []
-            with ExitStack() as hooks:
-                for g, st in stats.items():
-                    hooks.enter_context(capture_inputs(work_lin[g[0]], st))
-                for h, call in zip(inputs, block_calls[i]):
-                    outputs.append(_run(work, h, call))
-            for g, st in stats.items():
-                solve_group(g, st.hessian(free=True))
-            inputs = outputs
+            ref = copy.deepcopy(block).to(device=device, dtype=dtype)
+            ref_lin = linears_of(ref)
+            for g in groups:  # always true-sequential: each group sees its quantized predecessors
+                st = CrossStats(work_lin[g[0]].in_features, torch.device(device))
+                for h, hf, call in zip(inputs, fp_inputs, block_calls[i]):
+                    st.add(input_of(work, work_lin[g[0]], h, call), input_of(ref, ref_lin[g[0]], hf, call))
+                solve_group(g, *st.finish())
+            fp_inputs = [_run(ref, hf, call) for hf, call in zip(fp_inputs, block_calls[i])]
+            del ref, ref_lin
+            inputs = [_run(work, h, call) for h, call in zip(inputs, block_calls[i])]
         elif true_sequential and len(inputs) == 1:
             inputs = [_solve_in_one_pass(work, work_lin, groups, inputs[0], block_calls[i][0], solve_group)]
         else:
@@ -257,7 +266,7 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
             for name in names:
                 _set_module(work, name, QuantLinear(results[f"{spec.blocks}.{i}.{name}"][0], orig_lin[name].bias).to(device))
             fp_block = copy.deepcopy(block).to(device=device, dtype=dtype)
-            finetune_block(work, fp_block, block_inputs, block_calls[i], i)
+            finetune_block(work, fp_block, block_inputs, block_calls[i], i, block_fp_inputs if fp_targets else None)
             del fp_block
             for name in names:
                 p = work.get_submodule(name).packed
@@ -273,7 +282,7 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
             offload.release(i)
         if checkpoints is not None:
             prefix = f"{spec.blocks}.{i}."
-            checkpoints.save(i, {n: r for n, r in results.items() if n.startswith(prefix)}, inputs)
+            checkpoints.save(i, {n: r for n, r in results.items() if n.startswith(prefix)}, inputs + fp_inputs)
         if progress:
             bar.write(f"block {i:3d}  " + "  ".join(f"{k} {v:.4g}" for k, v in losses.items()))
     if offload is not None:
