@@ -64,17 +64,26 @@ class CrossStats:
         return H, C
 
 
-def fias_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """``W* = (W C + λW)(H + λI)⁻¹`` for ``W`` (m, n), ``H``, ``C`` (n, n); ``λ = damp·mean(diag H)``.
+def fias_targets(Ws: list[torch.Tensor], H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> list[torch.Tensor]:
+    """``W* = (W C + λW)(H + λI)⁻¹`` for every ``W`` (m_k, n) of a group sharing ``H``, ``C`` (n, n);
+    ``λ = damp·mean(diag H)``.
 
-    Solved in float64 by Cholesky; returns ``W*`` in ``W``'s dtype.  A dead input (``x_j ≡ 0``) has
-    ``H``'s and ``C``'s column ``j`` zero, so its weight column stays as it was."""
-    Hd, Cd, Wd = H.double(), C.double(), W.double()
+    One float64 Cholesky factorization serves the whole group; returns each ``W*`` in its ``W``'s dtype.
+    A dead input (``x_j ≡ 0``) has ``H``'s and ``C``'s column ``j`` zero, so its weight column stays as it was."""
+    Hd, Cd = H.double(), C.double()
     lam = damp * float(torch.diag(Hd).mean().clamp(min=1e-12))
-    A = Hd + lam * torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device)
-    rhs = (Wd @ Cd + lam * Wd).T                              # (n, m); W*ᵀ = A⁻¹ rhs (A symmetric)
-    L = torch.linalg.cholesky(A)
-    return torch.cholesky_solve(rhs, L).T.to(W.dtype).contiguous()
+    L = torch.linalg.cholesky(Hd + lam * torch.eye(Hd.shape[0], dtype=Hd.dtype, device=Hd.device))
+    out = []
+    for W in Ws:
+        Wd = W.double()
+        rhs = (Wd @ Cd + lam * Wd).T                          # (n, m); W*ᵀ = (H + λI)⁻¹ rhs (symmetric)
+        out.append(torch.cholesky_solve(rhs, L).T.to(W.dtype).contiguous())
+    return out
+
+
+def fias_target(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """:func:`fias_targets` for one ``W`` (m, n)."""
+    return fias_targets([W], H, C, damp)[0]
 
 
 def input_of(block: nn.Module, lin: nn.Module, h: torch.Tensor, call: tuple) -> torch.Tensor:

@@ -37,7 +37,7 @@ from ..models.arch import ArchSpec, blocks_of, linears_of
 from ..packed.qlinear import QuantLinear
 from ..packed.qweight import from_tensors
 from .distributed import broadcast_from_owner
-from .fias import CrossStats, fias_target, input_of
+from .fias import CrossStats, fias_targets, input_of
 from .hessian import InputStats, StopForward, capture_inputs
 from .resume import BlockCheckpoints
 
@@ -222,10 +222,10 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
         block_inputs, block_fp_inputs = inputs, fp_inputs
 
         def solve_group(g: tuple[str, ...], H: torch.Tensor, C: torch.Tensor | None = None) -> None:
-            for name in g:
-                W = orig_lin[name].weight.detach().to(device=device, dtype=torch.float32)
-                if C is not None:
-                    W = fias_target(W, H, C)
+            Ws = [orig_lin[name].weight.detach().to(device=device, dtype=torch.float32) for name in g]
+            if C is not None:
+                Ws = fias_targets(Ws, H, C)  # one factorization for the group
+            for name, W in zip(g, Ws):
                 full = f"{spec.blocks}.{i}.{name}"
                 packed, info = solve(W, H.float() if C is not None else H, full)
                 w = broadcast_from_owner(packed.dequantize(torch.float32).to(device))  # same block on all ranks
