@@ -14,8 +14,8 @@ from pathlib import Path
 
 
 def lowbit(*args: str) -> None:
-    """Run ``python -m lowbit ARGS --quiet``; raise if it fails."""
-    subprocess.run([sys.executable, "-m", "lowbit", *args, "--quiet"], check=True)
+    """Run ``python -m lowbit ARGS --quiet --force`` (a re-run replaces its own outputs); raise if it fails."""
+    subprocess.run([sys.executable, "-m", "lowbit", *args, "--quiet", "--force"], check=True)
 
 
 def folder_bytes(path: Path) -> int:

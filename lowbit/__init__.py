@@ -1,12 +1,28 @@
 """lowbit: quantize LLM weights to a few bits, with the accuracy of recent research, and prove it.
 
 Public API: :func:`quantize`, :func:`load`, :func:`evaluate_ppl` (see :mod:`lowbit.api`).
+The names are imported on first use, so ``lowbit --help`` and argument errors do not wait for torch.
 """
 __version__ = "0.1.0"
 
-from .api import QuantizeResult, evaluate_ppl, load, load_any, quantize  # noqa: E402
-from .config import CalibConfig, Method, QuantConfig  # noqa: E402
 from .errors import LowbitError  # noqa: E402
+
+_LAZY = {"quantize": "api", "load": "api", "load_any": "api", "evaluate_ppl": "api", "QuantizeResult": "api",
+         "QuantConfig": "config", "CalibConfig": "config", "Method": "config"}
 
 __all__ = ["quantize", "load", "load_any", "evaluate_ppl", "QuantizeResult", "QuantConfig", "CalibConfig",
            "Method", "LowbitError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

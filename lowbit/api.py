@@ -22,9 +22,11 @@ from .calib.resume import BlockCheckpoints
 from .calib.resume import fingerprint as resume_fingerprint
 from .calib.runner import quantize_blocks
 from .config import CalibConfig, Method, QuantConfig
-from .data import calibration_windows, read_text, tokenize
+from .data import calibration_windows, check_window_count, read_text, tokenize
+from .devices import check_device, default_device  # noqa: F401 (default_device: part of the API)
 from .errors import LowbitError
 from .eval.memory import bits_per_weight, model_bytes, peak_rss_bytes
+from .eval.machine import machine
 from .eval.ppl import evaluate_ppl
 from .models.arch import blocks_of, linears_of, resolve_spec
 from .models.head import quantize_head
@@ -49,10 +51,6 @@ class QuantizeResult:
     out: Path | None
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def calib_dtype(name: str, device: str) -> torch.dtype:
     """Activation dtype of the runner; ``auto`` = bfloat16 where the hardware runs it fast."""
     if name != "auto":
@@ -74,6 +72,10 @@ def _split_settings(settings: dict) -> tuple[dict, dict]:
 
 def _solve(cfg: QuantConfig, W: torch.Tensor, H: torch.Tensor | None, name: str = "?", **extra):
     try:
+        if cfg.gguf_type is not None:  # rtn/gptq/foem on a GGUF type's own grid (lowbit.gguf.solve)
+            from .gguf.solve import solve as gguf_solve
+
+            return gguf_solve(W, H, cfg)
         return SOLVERS[cfg.method](W, H, cfg, **extra)
     except NotPositiveDefinite as e:
         raise LowbitError(f"layer '{name}': {e}; try more calibration data or a larger --damp") from None
@@ -115,22 +117,23 @@ def _check_offload(quant: QuantConfig) -> None:
 def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | None = None,
              calib: CalibConfig | None = None, device: str | None = None, progress: bool = True,
              trust_remote_code: bool = False, qat: QATConfig | None = None, resume: bool = False,
-             **settings) -> QuantizeResult:
+             force: bool = False, **settings) -> QuantizeResult:
     """Quantize the model at ``model`` (folder, .gguf, hub id or ``smollm2-135m``) and, with ``out``,
     save it.  Settings are :class:`QuantConfig` and :class:`CalibConfig` fields (``bits=3``,
     ``group_size=64``, ``nsamples=64``…) or whole config objects.
 
     With ``out``, the calibration methods commit every finished block to ``OUT.work/blocks/``
     (:mod:`lowbit.calib.resume`); ``resume=True`` continues a killed run from there (DL-QAT: from its latest
-    training checkpoint in ``OUT.work/``).  The work area is removed once ``out`` is written."""
+    training checkpoint in ``OUT.work/``).  The work area is removed once ``out`` is written.  ``out`` is refused
+    when it exists and is not a lowbit checkpoint, unless ``force``."""
     t0 = time.perf_counter()
     qkw, ckw = _split_settings(settings)
     quant = quant or QuantConfig(**qkw)
     calib = calib or CalibConfig(**ckw)
-    device = distributed.init_from_env(device or default_device())
+    device = distributed.init_from_env(check_device(device))
     rank, world_size = distributed.world()
     if out is not None:
-        checkpoint.check_out(out, probe=rank == 0)  # before hours of work, not after
+        checkpoint.check_out(out, probe=rank == 0, force=force)  # before hours of work, not after
     if resume:
         _check_resume(quant, out, world_size)
     progress = progress and rank == 0
@@ -174,6 +177,9 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
                 offload.release(i)
     else:
         ids = tokenize(tokenizer, read_text(calib.source, split="calib"))
+        check_window_count(ids, calib.nsamples, calib.seqlen)
+        if quant.method == Method.GWQ and quant.saliency == "grad":
+            check_window_count(ids, calib.grad_samples, calib.seqlen, "--grad-samples")
         windows = calibration_windows(ids, calib.nsamples, calib.seqlen, calib.seed)
         fingerprint = hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
         if min(calib.nsamples, calib.grad_samples if quant.method == Method.GWQ else calib.nsamples) < world_size:
@@ -182,9 +188,7 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
         if quant.method == Method.GWQ and quant.saliency == "grad":
             gw = distributed.shard(calibration_windows(ids, calib.grad_samples, calib.seqlen, calib.seed))
             grads = weight_saliency(fp_model, spec, gw, device=device, dtype=calib_dtype(calib.dtype, device),
-                                    checkpointing=calib.grad_checkpointing, progress=progress)
-            for g in grads.values():
-                distributed.all_reduce_sum(g)
+                                    checkpointing=calib.grad_checkpointing, progress=progress)  # summed over ranks
             fp_model.to("cpu")
 
         def solve(W, H, name):
@@ -219,6 +223,9 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
         "lowbit_version": __version__,
         "bits_per_weight": bpw,
         "layers": layers,
+        # what this run cost, and where (the report's quantize time / memory / machine); the save is not included
+        "quantize": {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(),
+                     "processes": world_size, "machine": machine(device)},
     }
     report = {"seconds": time.perf_counter() - t0, "bits_per_weight": bpw, "peak_rss_bytes": peak_rss_bytes(),
               "model_bytes": model_bytes(fp_model), "method": quant.method.value,
@@ -227,7 +234,7 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
     saved = None
     if out is not None and rank == 0:
         dtype = torch.bfloat16 if getattr(fp_model.config, "dtype", None) in (torch.bfloat16, "bfloat16") else torch.float16
-        saved = checkpoint.save(out, fp_model, tokenizer, meta, dtype=dtype)
+        saved = checkpoint.save(out, fp_model, tokenizer, meta, dtype=dtype, force=force)
         if checkpoints is not None:
             checkpoints.finish()
         report["seconds"] = time.perf_counter() - t0
@@ -238,12 +245,12 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
 
 def load(model_dir: str | Path, device: str | None = None, dtype: torch.dtype | None = None):
     """Load a lowbit checkpoint -> ``(model, tokenizer, meta)``; linears stay packed in memory."""
-    return checkpoint.load(model_dir, device=device or default_device(), dtype=dtype)
+    return checkpoint.load(model_dir, device=check_device(device), dtype=dtype)
 
 
 def load_any(source: str, device: str | None = None, dtype: torch.dtype | None = None):
     """A lowbit checkpoint or any float model source -> ``(model, tokenizer, meta or None)``."""
-    device = device or default_device()
+    device = check_device(device)
     if Path(source).is_dir() and (Path(source) / checkpoint.META_FILE).exists():
         return load(source, device=device, dtype=dtype)
     model, tokenizer, _ = load_model(source, dtype=dtype or torch.float32)

@@ -58,6 +58,7 @@ class QuantConfig:
     ft_steps: int = 50            # QuIP#/Squeeze10: fine-tuning steps per block
     ft_lr: float | None = None    # Adam lr; None = 1e-3 (QuIP#: signs, scales at lr/10), 5e-3 (Squeeze10: cell factors)
     head_bits: int = 0            # output head (lm_head) too: 0 = keep it float; 2…8 = RTN, sym, groups of 32
+    gguf_type: str | None = None  # rtn/gptq/foem on this GGUF type's own grid (lowbit.gguf; bits/group_size unused)
 
     def __post_init__(self):
         try:
@@ -110,6 +111,18 @@ class QuantConfig:
         if self.ft_steps < 0 or not 0 < self.ft_lr < 1:
             raise LowbitError(f"--ft-steps {self.ft_steps} / --ft-lr {self.ft_lr}: steps must be >= 0, lr in (0, 1)")
 
+        if self.gguf_type is not None:
+            self._check_gguf()
+
+    def _check_gguf(self) -> None:
+        from .gguf import get
+
+        object.__setattr__(self, "gguf_type", get(self.gguf_type).name)
+        if self.method not in (Method.RTN, Method.GPTQ, Method.FOEM):
+            raise LowbitError(f"--gguf-type applies to --method rtn, gptq or foem, not {self.method.value}")
+        if self.act_order and not self.static_groups:
+            raise LowbitError("--gguf-type: GGUF has no g_idx, so act-order needs static groups (drop --no-static-groups)")
+
     def group_size_for(self, n: int) -> int:
         """Effective group size for a row of ``n`` columns (per-row when -1 or larger than n)."""
         return n if self.group_size == -1 or self.group_size > n else self.group_size
@@ -117,6 +130,8 @@ class QuantConfig:
     def to_json(self) -> dict:
         d = asdict(self)
         d["method"] = self.method.value
+        if d["gguf_type"] is None:  # absent unless used: other methods' lowbit.json stay as they were
+            del d["gguf_type"]
         return d
 
 

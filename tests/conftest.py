@@ -107,3 +107,38 @@ def broken(ckpt, tmp_path):
     dst = tmp_path / "broken"
     shutil.copytree(ckpt, dst)
     return dst
+
+
+RUN_RECORD = "quantize"  # lowbit.json's record of one run (seconds, peak RSS, machine): differs between equal runs
+
+
+def artifact_files(folder) -> dict:
+    """``{name: bytes}`` of a checkpoint folder, ``lowbit.json`` without its run record (:data:`RUN_RECORD`),
+    for the tests that require two runs to write the same files."""
+    import json
+
+    out = {}
+    for p in sorted(folder.iterdir()):
+        data = p.read_bytes()
+        if p.name == "lowbit.json":
+            meta = json.loads(data)
+            assert isinstance(meta.pop(RUN_RECORD, None), dict), "lowbit.json records the run"
+            data = json.dumps(meta, sort_keys=True).encode()
+        out[p.name] = data
+    return out
+
+
+def private_lowbit_cache(path):
+    """A fresh ``$LOWBIT_CACHE`` folder at ``path`` for the float-model evaluations, sharing the real cache's
+    compiled kernels and GGUF float copies (so tests that isolate the evaluations build neither again)."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    for shared in ("kernels", "gguf"):
+        real = Path(os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit") / shared
+        real.mkdir(parents=True, exist_ok=True)
+        if not (path / shared).exists():
+            (path / shared).symlink_to(real, target_is_directory=True)
+    return path

@@ -226,6 +226,19 @@ def test_gptq_checkpoint_reads_back_exactly(ckpts, tmp_path, bits, sym, fmt):
     assert (tmp_path / "g" / "tokenizer.json").is_file() and not (tmp_path / "g" / "lowbit.json").exists()
 
 
+@pytest.mark.parametrize("sym,fmt", [(True, "gptq"), (False, "gptq_v2")])
+def test_gptq_default_format_is_what_the_loaders_accept(ckpts, tmp_path, sym, fmt):
+    """Default: symmetric grids as classic v1, asymmetric as v2 (GPTQModel refuses asymmetric v1 from
+    other tools; tests/test_interop.py loads both with GPTQModel)."""
+    src, res = ckpts(sym=sym)
+    report = export_gptq(src, tmp_path / "g")
+    assert report["checkpoint_format"] == fmt
+    qc = json.loads((tmp_path / "g" / "config.json").read_text())["quantization_config"]
+    assert qc["checkpoint_format"] == fmt and qc["meta"]["quantizer"] == [f"lowbit:{lowbit.__version__}"]
+    for name, p in packed_layers(res.model).items():
+        assert np.array_equal(read_gptq(tmp_path / "g", name, 4, v1=fmt == "gptq"), p.dequantize().numpy()), name
+
+
 def test_act_order_g_idx_exports_to_gptq_not_gguf(ckpts, tmp_path, tiny_text):
     src, res = ckpts(method="gptq", act_order=True, static_groups=False, source=str(tiny_text), nsamples=8, seqlen=64)
     report = export_gptq(src, tmp_path / "g")

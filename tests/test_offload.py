@@ -15,6 +15,8 @@ from lowbit.models.arch import resolve_spec
 from lowbit.models.sources import load_model
 from lowbit.packed.qlinear import QuantLinear
 
+from conftest import artifact_files
+
 CALIB = dict(nsamples=8, seqlen=64, seed=0, progress=False)
 METHODS = {
     "gptq": dict(method="gptq", bits=3, group_size=32),
@@ -25,7 +27,7 @@ METHODS = {
 
 
 def files(d):
-    return {p.name: p.read_bytes() for p in sorted(d.iterdir())}
+    return artifact_files(d)  # lowbit.json without the run's seconds / peak RSS / machine
 
 
 def assert_same_output(a, b):

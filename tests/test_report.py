@@ -11,7 +11,7 @@ import lowbit
 from lowbit.cli import main
 from lowbit.report.collect import collect_lowbit, delta_pct, merge_evals, pareto_front
 
-from conftest import build_tiny_model, make_text
+from conftest import build_tiny_model, make_text, private_lowbit_cache
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EVAL = ["--seqlen", "64", "--max-tokens", "256", "--tasks", "cloze", "--cloze-passages", "10",
@@ -23,8 +23,17 @@ def _cli(*args):
                           timeout=900, env=dict(os.environ))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_cache(tmp_path_factory):
+    """lowbit's cache (float-model evaluations) in a temporary folder, for this module and its subprocesses."""
+    with pytest.MonkeyPatch.context() as mp:
+        cache = private_lowbit_cache(tmp_path_factory.mktemp("cache"))
+        mp.setenv("LOWBIT_CACHE", str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, private_cache):
     """A tiny float model, two RTN folders (w2, w4) evaluated by ``lowbit eval``, and the FP eval JSON."""
     root = tmp_path_factory.mktemp("report")
     text = root / "text.txt"
@@ -72,7 +81,10 @@ def test_bench_json_adds_speed(setup, tmp_path):
     md = (out / "report.md").read_text()
     assert "## Speed and memory" in md and "42.0" in md and "2.00×" in md and "1.00 GiB" in md
     assert (out / "speed.png").read_bytes()[:8] == PNG
-    assert "no float baseline" in md and "Δppl vs FP" in md
+    assert "against the float baseline FP (fp)" in md and "Δppl vs FP" in md   # found in the cache
+    speed = md.split("## Speed and memory")[1].split("\n## ")[0]
+    fp_row = next(line for line in speed.splitlines() if line.startswith("| FP (fp) |"))
+    assert fp_row.split(" | ")[1] == "21.0"                    # the float model's decode speed from the bench
     # written again over an existing report: replaced whole
     assert main(["report", str(setup["dirs"][0]), "--text", str(setup["text"]), "--out", str(out)]) == 0
     assert "rtn-w4" not in (out / "report.md").read_text() and not (out / "speed.png").exists()

@@ -23,18 +23,24 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .hessian import StopForward
+from .distributed import add_in_window_order, total_count, world
+from .hessian import StopForward, windows_of
 
 
 @dataclass
 class CrossStats:
-    """Running ``S = Σ XᵀX`` (quantized stream), ``C = Σ X̃ᵀX`` (FP stream against it) and token count."""
+    """Running ``S = Σ_w X_wᵀX_w`` (quantized stream), ``C = Σ_w X̃_wᵀX_w`` (FP stream against it) and token
+    count, per calibration window and summed in float64 in window order like
+    :class:`~lowbit.calib.hessian.InputStats` (``window``, ``rounds`` as there)."""
 
     n: int
     device: torch.device
+    window: int = 0
+    rounds: int = 0
     S: torch.Tensor = field(init=False)
     C: torch.Tensor = field(init=False)
     count: int = 0
+    seen: int = 0
 
     def __post_init__(self):
         self.S = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.device)
@@ -46,19 +52,21 @@ class CrossStats:
         Xf = x_fp.reshape(-1, self.n).float()
         if X.shape != Xf.shape:
             raise ValueError(f"CrossStats: {tuple(X.shape)} quantized-stream rows vs {tuple(Xf.shape)} FP rows")
-        self.S += (X.T @ X).double()
-        self.C += (Xf.T @ X).double()
+        for Xw, Xfw in zip(windows_of(X, self.window), windows_of(Xf, self.window)):
+            add_in_window_order(self.S, Xw.T @ Xw)
+            add_in_window_order(self.C, Xfw.T @ Xw)
+            self.seen += 1
         self.count += X.shape[0]
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(H, C)`` = ``2/N·(S, C)``, float64, reduced over every rank when distributed; frees the sums."""
-        from .distributed import all_reduce_sum, world
-
-        if world()[1] > 1:
-            all_reduce_sum(self.S)
-            all_reduce_sum(self.C)
-            self.count = int(all_reduce_sum(torch.tensor([self.count], dtype=torch.float64)).item())
-        c = 2.0 / max(self.count, 1)
+        """``(H, C)`` = ``2/N·(S, C)``, float64, over every rank's windows when distributed; frees the sums."""
+        if world()[1] > 1 and self.seen < self.rounds:
+            zeros = torch.zeros(self.n, self.n, dtype=torch.float32, device=self.device)
+            for _ in range(self.rounds - self.seen):  # this rank has no window left in these rounds
+                add_in_window_order(self.S, zeros)
+                add_in_window_order(self.C, zeros)
+            self.seen = self.rounds
+        c = 2.0 / max(total_count(self.count), 1)
         H, C = self.S * c, self.C * c
         self.S = self.C = None
         return H, C

@@ -1,7 +1,11 @@
-"""Second-moment statistics of a linear layer's inputs, and the hook that collects them.
+"""Running statistics of a linear layer's inputs, and the hook that collects them.
 
-``accumulate_hessian`` is the pure step: ``S += XᵀX`` (float64), ``N += tokens``; the proxy Hessian
-is ``H = 2/N·S``.  ``capture_inputs`` wraps it in a context manager that always removes its hook.
+``window_gram`` is the pure step: ``P_w = X_wᵀX_w`` of one calibration window ``X_w`` (T, n).  The sum
+``S = Σ_w P_w`` runs in float64 over the windows in their global order, one window at a time
+(:func:`~lowbit.calib.distributed.add_in_window_order`), and the proxy Hessian is ``H = 2/N·S`` (``N`` tokens).  Each ``P_w`` is one matrix
+product of the same shape whatever the micro-batch, and the float64 sum has a fixed order, so ``S`` does not
+depend on how the windows are grouped into micro-batches or spread over processes.  ``capture_inputs``
+wraps it in a context manager that always removes its hook.
 """
 from __future__ import annotations
 
@@ -11,48 +15,73 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .distributed import add_in_window_order, total_count, world
 
-def accumulate_hessian(S: torch.Tensor, x: torch.Tensor) -> int:
-    """``S += XᵀX`` for ``x`` (…, n) flattened to X (N, n); ``S`` (n, n) float64.  Returns N.
 
-    The product runs in float32 at least, whatever the activations' dtype: a bf16 product is 4× faster
-    on CPUs with bf16 units, but its output rounding (~2⁻⁹ relative) measurably hurt GPTQ on the demo
-    model (ppl +1.9 %, README design choices); float16 sums of squares can also overflow."""
+def float_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (…, n) as rows ``X`` (N, n) in float32 at least, whatever the activations' dtype: a bf16
+    product is 4× faster on CPUs with bf16 units, but its output rounding (~2⁻⁹ relative) measurably hurt
+    GPTQ on the demo model (ppl +1.9 %, README design choices); float16 sums of squares can also overflow."""
     X = x.reshape(-1, x.shape[-1])
-    if X.dtype not in (torch.float32, torch.float64):
-        X = X.float()
-    S += (X.T @ X).to(S.dtype)
-    return X.shape[0]
+    return X if X.dtype in (torch.float32, torch.float64) else X.float()
+
+
+def windows_of(X: torch.Tensor, rows: int) -> tuple[torch.Tensor, ...]:
+    """The calibration windows in rows ``X`` (B·T, n): consecutive blocks of ``rows`` = T rows
+    (``rows = 0``: ``X`` is one window)."""
+    return X.split(rows) if rows else (X,)
+
+
+def window_gram(X: torch.Tensor) -> torch.Tensor:
+    """``P = XᵀX`` (n, n) of one window's rows ``X`` (T, n)."""
+    return X.T @ X
 
 
 @dataclass
 class InputStats:
-    """Running ``S = Σ XᵀX`` and token count ``N`` of one input; ``hessian()`` = ``2/N·S`` (float32)."""
+    """Running ``S = Σ_w X_wᵀX_w`` over windows (float64, window order) and token count ``N`` of one input;
+    ``hessian()`` = ``2/N·S`` (float32).
+
+    ``window``: tokens per calibration window (each ``add`` splits its rows into windows of that many;
+    0 = each ``add`` is one window).  ``rounds``: under torchrun, the rounds every rank must take part in
+    (:func:`~lowbit.calib.distributed.rounds`); a rank with fewer windows adds zeros in ``hessian()``."""
 
     n: int
     device: torch.device
+    window: int = 0
+    rounds: int = 0
     S: torch.Tensor = field(init=False)
     count: int = 0
+    seen: int = 0
 
     def __post_init__(self):
         self.S = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.device)
 
     def add(self, x: torch.Tensor) -> None:
-        self.count += accumulate_hessian(self.S, x)
+        X = float_rows(x)
+        for Xw in windows_of(X, self.window):
+            add_in_window_order(self.S, window_gram(Xw))
+            self.seen += 1
+        self.count += X.shape[0]
+
+    def pad(self) -> None:
+        """Take part in the rounds this rank has no window for (zeros), so every rank's collectives match."""
+        if world()[1] > 1 and self.seen < self.rounds:
+            zeros = torch.zeros(self.n, self.n, dtype=torch.float32, device=self.device)
+            while self.seen < self.rounds:
+                add_in_window_order(self.S, zeros)
+                self.seen += 1
 
     def hessian(self, free: bool = False) -> torch.Tensor:
-        """``2/N·S`` over every rank's tokens when distributed (sums reduced in float64).
+        """``2/N·S`` over every rank's tokens when distributed (every rank already holds the whole ``S``).
 
         Converted a few rows at a time (no n×n float64 temporary); ``free=True`` then drops ``S`` (the
         float64 n×n is not held while the layer is solved; this object can no longer accumulate)."""
-        from .distributed import all_reduce_sum, world
-
         if self.S is None:
             raise RuntimeError("InputStats.hessian() after hessian(free=True)")
-        if world()[1] > 1:
-            all_reduce_sum(self.S)
-            self.count = int(all_reduce_sum(torch.tensor([self.count], dtype=torch.float64)).item())
-        c = 2.0 / max(self.count, 1)
+        self.pad()
+        count = total_count(self.count)
+        c = 2.0 / max(count, 1)
         H = torch.empty(self.S.shape, dtype=torch.float32, device=self.S.device)
         rows = max(1, (1 << 20) // max(self.n, 1))
         for r0 in range(0, self.S.shape[0], rows):

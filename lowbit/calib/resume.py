@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError
 
 from ..errors import LowbitError
+from ..jsonio import dumps
 
 
 def _source_files(source: dict) -> list:
@@ -56,7 +57,7 @@ def _source_files(source: dict) -> list:
 def fingerprint(source: dict, model_config: str, quant: dict, calib: dict, windows: str, runner: dict,
                 version: str) -> str:
     """sha256 over everything that decides the runner's results (see the module docstring)."""
-    blob = json.dumps({"source": source, "files": _source_files(source), "model_config": model_config,
+    blob = dumps({"source": source, "files": _source_files(source), "model_config": model_config,
                        "quant": quant, "calib": calib, "windows": windows, "runner": runner, "lowbit": version},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -165,7 +166,7 @@ class BlockCheckpoints:
         _write_atomic(self.dir / f"inputs_{i:04d}.safetensors", lambda p: save_file(hidden, str(p)))
         record = {"fingerprint": self.key, "block": i, "inputs": len(inputs),
                   "layers": {name: {"meta": packed.meta(), "info": info} for name, (packed, info) in layers.items()}}
-        _write_atomic(self.dir / f"block_{i:04d}.json", lambda p: p.write_text(json.dumps(record, indent=1) + "\n"))
+        _write_atomic(self.dir / f"block_{i:04d}.json", lambda p: p.write_text(dumps(record, indent=1) + "\n"))
         if i > 0:  # only the newest finished block's outputs are needed to continue
             (self.dir / f"inputs_{i - 1:04d}.safetensors").unlink(missing_ok=True)
 

@@ -20,23 +20,33 @@ the FP stream (the float model's hidden states): each layer is solved for the ta
 and ``C`` their cross moments with the FP stream's, so it reproduces the *float* layer's outputs from
 the inputs it really gets and compensates the errors of every layer before it.
 
+**Invariance.** Nothing depends on how the windows are grouped into micro-batches (``batch_size``) or spread
+over ranks (torchrun): every linear of the working copies multiplies one window (T rows) at a time
+(:func:`per_window_linears`), so each window's product has the same shape in any micro-batch, and the
+statistics are sums of per-window contributions taken in the global window order in float64
+(:mod:`lowbit.calib.hessian`, :mod:`lowbit.calib.distributed`).  The other operations of a block (norms,
+attention, activations) compute each window's rows on their own (not enforced: checked by the batch-size
+and two-process tests).  The thread count is not covered: it changes
+how the BLAS/LAPACK kernels split their sums.
+
 The runner never knows which method it runs: ``solve(W (m, n) float32, H (n, n), name) -> (packed, info)``
 with ``name`` the layer's full dotted name.
 """
 from __future__ import annotations
 
 import copy
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.arch import ArchSpec, blocks_of, linears_of
 from ..packed.qlinear import QuantLinear
 from ..packed.qweight import from_tensors
-from .distributed import broadcast_from_owner
+from .distributed import broadcast_from_owner, rounds
 from .fias import CrossStats, fias_targets, input_of
 from .hessian import InputStats, StopForward, capture_inputs
 from .resume import BlockCheckpoints
@@ -112,6 +122,34 @@ def capture(model: nn.Module, blocks: nn.ModuleList, windows: torch.Tensor, batc
     return inputs, block_calls
 
 
+def _window_linear(lin: nn.Linear, rows: int, x: torch.Tensor) -> torch.Tensor:
+    """``lin(x)`` for ``x`` (…, n) computed one window at a time: the rows of ``x`` (B·T of them, in window
+    order, whether the block passes ``(B, T, n)`` or flattened ``(B·T, n)``) in blocks of ``rows`` = T."""
+    X = x.reshape(-1, x.shape[-1]).contiguous()  # the same row layout in every micro-batch
+    if X.shape[0] <= rows:
+        out = F.linear(X, lin.weight, lin.bias)
+    else:  # written in place: no second copy of the output
+        out = X.new_empty(X.shape[0], lin.out_features)
+        for r0 in range(0, X.shape[0], rows):
+            out[r0:r0 + rows] = F.linear(X[r0:r0 + rows], lin.weight, lin.bias)
+    return out.reshape(*x.shape[:-1], lin.out_features)
+
+
+@contextmanager
+def per_window_linears(module: nn.Module, rows: int):
+    """While active, every ``nn.Linear`` in ``module`` multiplies ``rows`` rows (one window) at a time, so a
+    window's outputs are the same bits in a micro-batch of any size (BLAS kernels block and sum differently
+    for different shapes)."""
+    lins = linears_of(module).values()
+    for lin in lins:
+        lin.forward = lambda x, lin=lin: _window_linear(lin, rows, x)
+    try:
+        yield module
+    finally:
+        for lin in lins:
+            lin.__dict__.pop("forward", None)
+
+
 def _run(block: nn.Module, h: torch.Tensor, call: tuple) -> torch.Tensor:
     args, kwargs = call
     out = block(h, *args, **kwargs)
@@ -143,7 +181,8 @@ def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def _solve_in_one_pass(work: nn.Module, lin: dict, groups, h: torch.Tensor, call: tuple, solve_group) -> torch.Tensor:
+def _solve_in_one_pass(work: nn.Module, lin: dict, groups, h: torch.Tensor, call: tuple, solve_group,
+                       window: int, n_rounds: int) -> torch.Tensor:
     """All calibration windows in one micro-batch: each group is solved inside the pre-hook of its
     first linear, before any of its members is applied, so one forward pass is fully true-sequential
     and its output is already the quantized block's output."""
@@ -151,7 +190,7 @@ def _solve_in_one_pass(work: nn.Module, lin: dict, groups, h: torch.Tensor, call
     for g in groups:
         def hook(_m, args, g=g):
             if f"{g[0]}" not in solved:
-                stats = InputStats(args[0].shape[-1], args[0].device)
+                stats = InputStats(args[0].shape[-1], args[0].device, window, n_rounds)
                 stats.add(args[0])
                 solve_group(g, stats.hessian(free=True))
                 solved.add(g[0])
@@ -190,6 +229,7 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
     ``offload.release(i)`` runs once its linears are :class:`QuantLinear`, so at most one block is ever in float;
     the embedding and head are released after the inputs are captured and read back at the end."""
     blocks = blocks_of(model, spec)
+    window, n_rounds = windows.shape[1], rounds(windows.shape[0])  # tokens per window; rounds of window sums
     _move_outside_blocks(model, spec.blocks, device)
     inputs, block_calls = capture(model, blocks, windows, batch_size, device, dtype)
     if offload is not None:
@@ -233,34 +273,43 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                 results[full] = (packed, info)
                 losses[name.rsplit(".", 1)[-1]] = info.get("loss", float("nan"))
 
-        if fp_targets:
-            ref = copy.deepcopy(block).to(device=device, dtype=dtype)
-            ref_lin = linears_of(ref)
-            for g in groups:  # always true-sequential: each group sees its quantized predecessors
-                st = CrossStats(work_lin[g[0]].in_features, torch.device(device))
-                for h, hf, call in zip(inputs, fp_inputs, block_calls[i]):
-                    st.add(input_of(work, work_lin[g[0]], h, call), input_of(ref, ref_lin[g[0]], hf, call))
-                solve_group(g, *st.finish())
-            fp_inputs = [_run(ref, hf, call) for hf, call in zip(fp_inputs, block_calls[i])]
-            del ref, ref_lin
-            inputs = [_run(work, h, call) for h, call in zip(inputs, block_calls[i])]
-        elif true_sequential and len(inputs) == 1:
-            inputs = [_solve_in_one_pass(work, work_lin, groups, inputs[0], block_calls[i][0], solve_group)]
-        else:
-            stages = [[g] for g in groups] if true_sequential else [list(groups)]
-            for stage in stages:
-                stats = {g: InputStats(work_lin[g[0]].in_features, torch.device(device)) for g in stage}
-                with ExitStack() as hooks:
-                    for g, st in stats.items():
-                        hooks.enter_context(capture_inputs(work_lin[g[0]], st, stop=true_sequential))
-                    for h, call in zip(inputs, block_calls[i]):
-                        try:
-                            _run(work, h, call)
-                        except StopForward:
-                            pass
-                for g, st in stats.items():
+        dev = torch.device(device)
+        one_pass = not fp_targets and true_sequential and len(inputs) == 1
+        with ExitStack() as per_window:
+            per_window.enter_context(per_window_linears(work, window))
+            if fp_targets:
+                ref = copy.deepcopy(block).to(device=device, dtype=dtype)
+                per_window.enter_context(per_window_linears(ref, window))
+                ref_lin = linears_of(ref)
+                for g in groups:  # always true-sequential: each group sees its quantized predecessors
+                    st = CrossStats(work_lin[g[0]].in_features, dev, window, n_rounds)
+                    for h, hf, call in zip(inputs, fp_inputs, block_calls[i]):
+                        st.add(input_of(work, work_lin[g[0]], h, call), input_of(ref, ref_lin[g[0]], hf, call))
+                    solve_group(g, *st.finish())
+                fp_inputs = [_run(ref, hf, call) for hf, call in zip(fp_inputs, block_calls[i])]
+                del ref, ref_lin
+            elif one_pass:
+                inputs = [_solve_in_one_pass(work, work_lin, groups, inputs[0], block_calls[i][0], solve_group,
+                                             window, n_rounds)]
+            else:  # one pass per group, cut short at its input; without true_sequential all are solved at the end
+                pending = []
+                for g in groups:
+                    st = InputStats(work_lin[g[0]].in_features, dev, window, n_rounds)
+                    with capture_inputs(work_lin[g[0]], st, stop=True):
+                        for h, call in zip(inputs, block_calls[i]):
+                            try:
+                                _run(work, h, call)
+                            except StopForward:
+                                pass
+                    st.pad()  # before any other collective, so every rank's sequence of collectives is the same
+                    if true_sequential:
+                        solve_group(g, st.hessian(free=True))
+                    else:
+                        pending.append((g, st))
+                for g, st in pending:
                     solve_group(g, st.hessian(free=True))
-            inputs = [_run(work, h, call) for h, call in zip(inputs, block_calls[i])]
+            if not one_pass:
+                inputs = [_run(work, h, call) for h, call in zip(inputs, block_calls[i])]
         if finetune_block is not None:
             names = [n for n in work_lin if f"{spec.blocks}.{i}.{n}" in results]
             for name in names:

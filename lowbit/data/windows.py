@@ -41,6 +41,20 @@ def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int
     return ids.reshape(-1)[starts[:, None] + torch.arange(seqlen)].long()
 
 
+def check_window_count(ids: torch.Tensor, nsamples: int, seqlen: int, flag: str = "--nsamples") -> None:
+    """Refuse asking for more windows than the text holds: ``nsamples ≤ ⌊L / seqlen⌋`` for ``ids`` (L,).
+
+    :func:`calibration_windows` draws offsets at random, so it could repeat a short text any number of
+    times; a calibration set many times larger than its text only repeats the same tokens (and takes as
+    long as real data), so the caller is told how many windows there are instead."""
+    n = ids.numel()
+    if n < seqlen:
+        raise LowbitError(f"calibration text has {n} tokens, fewer than one window of --seqlen {seqlen}")
+    if nsamples > n // seqlen:
+        raise LowbitError(f"{flag} {nsamples}: the calibration text holds {n // seqlen} window(s) of --seqlen {seqlen} "
+                          f"({n} tokens); ask for at most that many, a shorter --seqlen, or more text")
+
+
 def eval_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None, bos_id: int | None = None) -> torch.Tensor:
     """Consecutive non-overlapping windows of ``ids`` (L,) from token 0 -> (W, seqlen); the first
     ``max_tokens // seqlen`` of them (all if ``None``); an incomplete last window is dropped.

@@ -15,7 +15,8 @@ them (``acc`` = fraction of examples whose highest-log-likelihood choice is the 
 ``acc_norm`` the same with log-likelihoods divided by the choice's length in bytes); the cloze task
 gives ``{"acc", "nll", "n"}``.
 
-Results of ``lowbit eval`` on a lowbit folder are kept in ``DIR/evals.json`` (:func:`append_eval`).
+Results of ``lowbit eval`` on a lowbit folder are kept in ``DIR/evals.json`` (:func:`append_eval`), those
+on a float model in lowbit's cache (:func:`fp_evals_file`), where ``lowbit report`` finds its baseline.
 """
 from __future__ import annotations
 
@@ -145,6 +146,8 @@ def run_tasks(model, tokenizer, names: list[str], *, text: str = "default", limi
     "cloze_passages"}`` (the top-level cloze keys from the first cloze task)."""
     from .cloze import evaluate_cloze
 
+    if limit is not None and limit < 1:  # (not folded into --cloze-passages below, whose name it would take)
+        raise LowbitError(f"--limit {limit} must be >= 1")
     tasks, flat = {}, {}
     for name in names:
         if not is_cloze(name):
@@ -165,13 +168,15 @@ def run_tasks(model, tokenizer, names: list[str], *, text: str = "default", limi
     return {**flat, "tasks": tasks}
 
 
-def read_evals(model_dir: str | os.PathLike) -> list[dict]:
-    """The records of ``DIR/evals.json`` (``[]`` when there is none)."""
-    path = Path(model_dir) / EVALS_FILE
+def read_evals(model_dir: str | os.PathLike, name: str = EVALS_FILE) -> list[dict]:
+    """The records of ``DIR/evals.json`` (or ``DIR/name``; ``[]`` when there is none)."""
+    path = Path(model_dir) / name
     if not path.is_file():
         return []
     try:
         data = json.loads(path.read_text())
+    except RecursionError:
+        raise LowbitError(f"{path}: not valid JSON (nested too deeply)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise LowbitError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, list):
@@ -181,17 +186,58 @@ def read_evals(model_dir: str | os.PathLike) -> list[dict]:
 
 def append_eval(model_dir: str | os.PathLike, record: dict) -> Path:
     """Append ``record`` (stamped with ``date``, UTC ISO 8601) to ``DIR/evals.json``, atomically."""
-    path = Path(model_dir) / EVALS_FILE
-    records = read_evals(model_dir)
+    return append_record(Path(model_dir) / EVALS_FILE, record)
+
+
+def text_key(source: str) -> str:
+    """What identifies an evaluation text across runs: a local file or folder by its absolute path
+    (``--text my.txt`` and ``--text ./my.txt`` are the same text), anything else (``default``, a data set) as given."""
+    p = Path(source)
+    return str(p.resolve()) if source != "default" and p.exists() else source
+
+
+def fp_evals_file(info: dict) -> Path:
+    """Where the evaluations of a float model are kept: ``<lowbit cache>/evals/<name>-<key>.json``, the
+    key a hash of the resolved source (``lowbit.models.sources.resolve``: kind, path, GGUF file), so a
+    lowbit folder's recorded ``source`` finds the evaluations of the model it was quantized from."""
+    import hashlib
+
+    from ..models.sources import cache_dir
+
+    ident = "|".join(str(info.get(k) or "") for k in ("kind", "path", "gguf_file"))
+    name = Path(info.get("gguf_file") or str(info.get("path") or "model")).name.removesuffix(".gguf") or "model"
+    return cache_dir() / "evals" / f"{name}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
+
+
+def read_fp_evals(info: dict) -> list[dict]:
+    """The cached evaluation records of the float model described by ``info`` (``[]`` when none)."""
+    path = fp_evals_file(info)
+    return read_evals(path.parent, path.name) if path.is_file() else []
+
+
+def record_eval(source: str, meta: dict | None, record: dict) -> Path | None:
+    """Keep an evaluation: a lowbit folder's in ``DIR/evals.json``; a float model's in the cache
+    (:func:`fp_evals_file`; best effort, ``None`` when the cache cannot be written or the source not resolved)."""
+    if meta is not None:
+        return append_eval(source, record)
+    from ..models.sources import resolve
+
+    try:
+        info = resolve(source)
+        return append_record(fp_evals_file(info), {"source": source, **record})
+    except (LowbitError, OSError):
+        return None
+
+
+def append_record(path: Path, record: dict) -> Path:
+    """Append ``record`` (stamped with ``date``) to the JSON list in ``path``, atomically."""
+    from ..jsonio import dumps
+    from ..outputs import write_texts
+
+    records = read_evals(path.parent, path.name)
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     records.append({"date": date, **record})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(records, indent=1) + "\n")
-        tmp.replace(path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise LowbitError(f"{path}: cannot write ({e.strerror})") from None
+    write_texts([(path, dumps(records, indent=1) + "\n", None)])  # strict JSON; complete or unchanged
     return path
 
 

@@ -80,8 +80,11 @@ def atomic_path(out: str | os.PathLike, folder: bool):
         check_out_dir(out)
     elif out.is_dir():
         raise LowbitError(f"--out '{out}' is a folder; give the path of the .gguf file to write")
+    from ..outputs import make_parents, remove_made
+
+    made = []
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        made = make_parents(out.parent)  # removed again on failure: nothing new is left behind
         if folder:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
             umask = os.umask(0)
@@ -92,6 +95,7 @@ def atomic_path(out: str | os.PathLike, folder: bool):
             os.close(fd)
             tmp = Path(name)
     except OSError as e:
+        remove_made(made)
         raise LowbitError(f"--out '{out}': cannot write there ({e.strerror})") from None
     try:
         yield tmp
@@ -104,9 +108,11 @@ def atomic_path(out: str | os.PathLike, folder: bool):
             os.replace(tmp, out)
     except OSError as e:
         _remove(tmp)
+        remove_made(made)
         raise LowbitError(f"--out '{out}': writing failed ({e.strerror or e})") from None
     except BaseException:
         _remove(tmp)
+        remove_made(made)
         raise
 
 

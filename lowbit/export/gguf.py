@@ -18,12 +18,19 @@ with ``d = s`` (lowbit scales are fp16 already).  The offset types are bit-exact
 ``ulp16(d·z)/2 ≤ d·z·2^−11 ≤ d·(2^b − 1)·2^−11`` — below 0.75 % of one grid step ``d`` for 4 bits
 (1.5 % for 5 bits), in absolute terms ≤ 2^−11 of the group's largest |w| for 4 bits.
 
+**GGUF-native layers** (packed kind ``gguf``, from ``lowbit quantize --gguf-type TYPE``: every type of
+:data:`lowbit.gguf.TYPES`, K-quants and IQ4_NL included) already hold llama.cpp's block bytes and are
+written unchanged.
+
 Anything else (other group sizes, act-order ``g_idx`` with mixed groups in a block, w8 asym, GWQ
 outliers, Squeeze10 cells) is refused, or with ``requantize=TYPE`` only those layers are
 dequantized and re-quantized by ``gguf.quants.quantize`` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, F32).
 
 **Layout.**  Tensor names follow llama.cpp (``token_embd``, ``blk.N.attn_q`` …, ``output_norm``,
-``output`` when untied) via ``gguf.get_tensor_name_map``.  For llama-arch models the rows of
+``output`` when untied) via ``gguf.get_tensor_name_map``.  Gemma3 (``gemma3_text``): llama.cpp's RMS norm
+multiplies by its weight, Gemma's by ``1 + w``, so every ``*norm.weight`` is written as ``1 + w`` (as
+``convert_hf_to_gguf`` does; transformers' GGUF loader subtracts the 1 again); the ``√hidden`` embedding
+scale is applied by both runtimes, so the table is written as stored.  For llama-arch models the rows of
 ``attn_q``/``attn_k`` (weights and biases) are permuted as llama.cpp's converter does,
 ``w.reshape(h, 2, rows/h/2, …).swapaxes(1, 2)`` (``h`` = heads, kv heads for K), which transformers'
 GGUF loader inverts.  1-D tensors (norms, biases) are F32, 2-D unquantized tensors F16 or F32.
@@ -38,9 +45,10 @@ import numpy as np
 import torch
 
 from ..errors import LowbitError
+from ..gguf import TYPES
 from ..packed.qweight import GroupQuantWeight
 from .common import atomic_path, read_checkpoint
-from .gguf_meta import ARCHS, add_model_metadata, add_tokenizer
+from .gguf_meta import ARCHS, NORM_PLUS_ONE, add_model_metadata, add_tokenizer, check_arch
 
 OFFSET_TYPES = {"Q4_0": (8, 0, 15), "Q5_0": (16, 0, 31), "Q8_0": (0, -128, 127)}  # offset o, u range
 AFFINE_TYPES = {"Q4_1": 15, "Q5_1": 31}                                             # u = q in [0, max]
@@ -70,48 +78,32 @@ def lossless_type(p) -> str | None:
     return None
 
 
-def _nibbles(u: np.ndarray) -> np.ndarray:
-    """(…, 32) values < 16 -> (…, 16) bytes: low nibble u[k], high nibble u[k + 16]."""
-    u = u.astype(np.uint8) & 0x0F
-    return u[..., :16] | (u[..., 16:] << 4)
-
-
-def _high_bits(u: np.ndarray) -> np.ndarray:
-    """(…, 32) 5-bit values -> (…, 4) bytes of a little-endian uint32 whose bit k is bit 4 of u[k]."""
-    bits = ((u.astype(np.uint32) >> 4) & 1) << np.arange(32, dtype=np.uint32)
-    return bits.sum(axis=-1, dtype=np.uint32).astype("<u4")[..., None].view(np.uint8)
-
-
 def encode_blocks(p: GroupQuantWeight, qtype: str) -> np.ndarray:
-    """GGUF blocks of ``qtype`` holding ``p`` exactly (Q4_1/Q5_1: up to fp16 rounding of m): (m, n/32·bytes) uint8."""
+    """GGUF blocks of ``qtype`` holding ``p`` exactly (Q4_1/Q5_1: up to fp16 rounding of m): (m, n/32·bytes) uint8.
+
+    Builds the type's fields (``d``, ``m``, codes) and writes them with its packer from :data:`lowbit.gguf.TYPES`."""
     m, n = p.shape
     nb = n // 32
     first = p.column_groups()[::32]                                    # group of each block (nb,)
-    d = p.scales[:, first].numpy().astype(np.float16)                  # (m, nb)
+    d = p.scales[:, first].float()                                     # (m, nb), fp16-exact
     z = p.zeros()[:, first].round().to(torch.int64)                     # (m, nb)
     q = p.codes().view(m, nb, 32)
-    parts = [d[..., None].view(np.uint8)]
+    codec = TYPES[qtype].codec
+    fields = {"d": d}
     if qtype in OFFSET_TYPES:
         off, lo, hi = OFFSET_TYPES[qtype]
-        u = (q - z[..., None] + off).numpy()
-        if u.min() < lo or u.max() > hi:
+        u = q - z[..., None] + off
+        if int(u.min()) < lo or int(u.max()) > hi:
             raise LowbitError(f"internal: codes do not fit {qtype}")
-        if qtype == "Q8_0":
-            parts.append(u.astype(np.int8).view(np.uint8))
-        elif qtype == "Q5_0":
-            parts += [_high_bits(u), _nibbles(u)]
-        else:
-            parts.append(_nibbles(u))
+        fields["codes"] = (u + codec.offset - off).reshape(m, n)       # Q8_0's codes are int8 + 128
     else:
-        mins = (-(p.scales[:, first].float() * z.float())).numpy().astype(np.float16)
-        if not np.isfinite(mins).all():
+        mins = (-(d * z.float())).half()
+        if not bool(torch.isfinite(mins).all()):
             raise LowbitError(f"{qtype}: a block minimum −scale·zero overflows fp16")
-        u = q.numpy()
-        if u.max() > AFFINE_TYPES[qtype]:
+        if int(q.max()) > AFFINE_TYPES[qtype]:
             raise LowbitError(f"internal: codes do not fit {qtype}")
-        parts.append(mins[..., None].view(np.uint8))
-        parts += [_high_bits(u), _nibbles(u)] if qtype == "Q5_1" else [_nibbles(u)]
-    return np.ascontiguousarray(np.concatenate(parts, axis=-1).reshape(m, -1))
+        fields.update(m=mins.float(), codes=q.reshape(m, n))
+    return np.ascontiguousarray(codec.pack(fields).numpy())
 
 
 def permute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -141,10 +133,9 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, requantize
     if dtype not in ("f16", "f32"):
         raise LowbitError(f"--dtype must be f16 or f32, got {dtype!r}")
     ck = read_checkpoint(model_dir)
-    model_type = ck.config.get("model_type")
-    if model_type not in ARCHS:
-        raise LowbitError(f"GGUF export supports model types {', '.join(sorted(ARCHS))}; '{ck.path}' is {model_type!r}")
+    model_type = check_arch(ck)
     arch, permute = ARCHS[model_type]
+    plus_one = model_type in NORM_PLUS_ONE
     n_blocks = int(ck.config["num_hidden_layers"])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], n_blocks)
     heads = int(ck.config["num_attention_heads"])
@@ -152,7 +143,7 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, requantize
 
     plan = {}
     for name, p in ck.layers.items():
-        qt = lossless_type(p)
+        qt = p.gguf_type if p.kind == "gguf" else lossless_type(p)
         if qt is None and requantize is None:
             desc = (f"w{p.bits} {'sym' if p.sym else 'asym'} group size {p.group_size}"
                     + (" with act-order g_idx" if getattr(p, "g_idx", None) is not None else "")
@@ -178,7 +169,11 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, requantize
     for name, p in ck.layers.items():
         qt, requant = plan[name]
         g = gguf_name(name + ".weight")
-        if not requant:
+        if p.kind == "gguf":  # llama.cpp's blocks already: written unchanged
+            blocks = p.blocks.numpy()
+            tensors.append((g, arrange(g, blocks.view(np.float16) if qt == "F16" else blocks),
+                            None if qt == "F16" else types[qt]))
+        elif not requant:
             tensors.append((g, arrange(g, encode_blocks(p, qt)), types[qt]))
         else:
             w = arrange(g, p.dequantize(torch.float32).numpy())
@@ -193,12 +188,17 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, requantize
         if hf.endswith("rotary_emb.inv_freq"):
             continue
         g = gguf_name(hf)
-        tensors.append((g, arrange(g, _float(t, dtype)), None))
+        a = _float(t, dtype)
+        if plus_one and hf.endswith("norm.weight"):  # Gemma's RMSNorm scales by (1 + w), llama.cpp's by w
+            a = a + np.float32(1)
+        tensors.append((g, arrange(g, a), None))
 
     counts = Counter(qt for qt, _ in plan.values())
     main_type = counts.most_common(1)[0][0] if counts else ("F16" if dtype == "f16" else "F32")
     file_type = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
-                 "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16", "F32": "ALL_F32"}[main_type]
+                 "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16", "F32": "ALL_F32", "IQ4_NL": "MOSTLY_IQ4_NL",
+                 "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S",
+                 "Q6_K": "MOSTLY_Q6_K"}[main_type]  # a single K type is llama.cpp's _S recipe's name
     with atomic_path(out, folder=False) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         add_model_metadata(w, ck, arch, Path(out).stem)

@@ -26,7 +26,44 @@ from pathlib import Path
 from ..errors import LowbitError
 
 # transformers model_type -> (GGUF architecture, permute Q/K rows as llama.cpp does)
-ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False),
+         "gemma3_text": ("gemma3", False)}
+NORM_PLUS_ONE = ("gemma3_text",)  # RMSNorm by (1 + w): llama.cpp's file holds 1 + w (convert_hf_to_gguf)
+# families lowbit quantizes (models/arch.py) that are refused, and why
+REFUSED = {"opt": "llama.cpp has no OPT architecture",
+           "gemma3": "the multimodal Gemma3 (vision tower, model.language_model) is not exported; quantize the "
+                     "text model (model_type gemma3_text, Gemma3ForCausalLM)"}
+
+
+def check_arch(ck) -> str:
+    """The checkpoint's model_type if GGUF export supports it, else a LowbitError naming the family and why."""
+    model_type = ck.config.get("model_type")
+    if model_type in REFUSED:
+        raise LowbitError(f"{ck.path}: GGUF export of model type {model_type!r} is not supported: {REFUSED[model_type]}")
+    if model_type not in ARCHS:
+        raise LowbitError(f"GGUF export supports model types {', '.join(sorted(ARCHS))}; '{ck.path}' is {model_type!r}")
+    if model_type == "gemma3_text":
+        _check_gemma3(ck)
+    return model_type
+
+
+def _check_gemma3(ck) -> None:
+    """What llama.cpp's gemma3 graph assumes: attention scaled by 1/√head_dim, no attention soft-capping,
+    every 6th layer global (the rest sliding-window)."""
+    cfg = ck.config
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // int(cfg["num_attention_heads"]))
+    n = int(cfg["num_hidden_layers"])
+    pattern = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    problems = []
+    if int(cfg.get("query_pre_attn_scalar") or head_dim) != head_dim:
+        problems.append(f"query_pre_attn_scalar {cfg.get('query_pre_attn_scalar')} != head_dim {head_dim}")
+    if cfg.get("attn_logit_softcapping"):
+        problems.append("attention logit soft-capping")
+    if cfg.get("layer_types") and list(cfg["layer_types"]) != pattern:
+        problems.append("layer_types other than every 6th layer global")
+    if problems:
+        raise LowbitError(f"{ck.path}: this gemma3 model cannot be written for llama.cpp's gemma3 graph: "
+                          + "; ".join(problems))
 
 
 def _rope(cfg: dict) -> tuple[float, dict | None]:
@@ -46,7 +83,8 @@ def add_model_metadata(w, ck, arch: str, fallback_name: str) -> None:
     source = ck.meta.get("source") or {}
     name = source.get("alias") or Path(str(source.get("source") or fallback_name)).name
     qc = ck.meta.get("config", {})
-    w.add_name(f"{name} lowbit {ck.meta.get('method', '')} w{qc.get('bits', '?')}g{qc.get('group_size', '?')}".strip())
+    grid = qc.get("gguf_type") or f"w{qc.get('bits', '?')}g{qc.get('group_size', '?')}"
+    w.add_name(f"{name} lowbit {ck.meta.get('method', '')} {grid}".strip())
     w.add_quantized_by("lowbit")
     w.add_context_length(int(cfg.get("max_position_embeddings", 2048)))
     w.add_embedding_length(hidden)
@@ -55,6 +93,8 @@ def add_model_metadata(w, ck, arch: str, fallback_name: str) -> None:
     w.add_head_count(heads)
     w.add_head_count_kv(int(cfg.get("num_key_value_heads") or heads))
     theta, scaling = _rope(cfg)
+    if arch == "gemma3":
+        theta, scaling = _gemma3_keys(w, cfg, head_dim)
     w.add_rope_freq_base(theta)
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
@@ -65,9 +105,26 @@ def add_model_metadata(w, ck, arch: str, fallback_name: str) -> None:
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
     w.add_vocab_size(int(cfg["vocab_size"]))
     w.add_rope_dimension_count(head_dim)
-    if head_dim != hidden // heads:
+    if head_dim != hidden // heads and arch != "gemma3":
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
+
+
+def _gemma3_keys(w, cfg: dict, head_dim: int) -> tuple[float, dict | None]:
+    """Gemma3's extra keys (as convert_hf_to_gguf writes them) -> the global layers' rope base and scaling."""
+    params = cfg.get("rope_parameters") or {}
+    full = params.get("full_attention") or {"rope_theta": cfg.get("rope_theta", 1_000_000.0),
+                                            **(cfg.get("rope_scaling") or {})}
+    local = params.get("sliding_attention") or {"rope_theta": cfg.get("rope_local_base_freq", 10_000.0)}
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    if cfg.get("sliding_window"):
+        w.add_sliding_window(int(cfg["sliding_window"]))
+        w.add_rope_freq_base_swa(float(local.get("rope_theta", 10_000.0)))
+    if cfg.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
+    kind = full.get("rope_type", full.get("type", "default"))
+    return float(full.get("rope_theta", 1_000_000.0)), (full if kind != "default" else None)
 
 
 def _source_pre(ck) -> str | None:

@@ -24,10 +24,19 @@ Lowbit's ``qweight`` (m, ceil(n/32)·b) already is this bit stream along the inp
 ``qweight`` is its transpose when 32 divides n.  GPTQ needs 32 | n and 32 | m (its buffers are
 ``n // 32 · b`` words), groups that divide n (no partial last group), one bit width and group size
 for all layers, and, in v1, no zero point equal to 0 (zero − 1 would underflow: use v2).
+
+**Which checkpoint format.**  The default (``checkpoint_format=None``) is what the loaders accept
+without flags: symmetric grids as classic ``gptq`` (v1), asymmetric grids as ``gptq_v2``.  GPTQModel
+(≥ 7) refuses an asymmetric v1 checkpoint unless its ``meta.quantizer`` names GPTQModel ≥ 0.9.0
+(``models/loader.py``: old AutoGPTQ v1 files stored zero − 1 with an underflow at 0), and lowbit does
+not write another tool's name; GPTQModel and vLLM (``GPTQConfig.checkpoint_format``,
+``gptq_gemm(use_v2_format)``) both read v2 zero points as stored.  vLLM sends symmetric 4/8-bit
+checkpoints to its Marlin kernels and everything else to ``gptq_gemm``.  Refused with the reason:
+bit widths other than 2/3/4/8 (vLLM's ``GPTQConfig``) and group sizes outside GPTQModel's CPU/torch
+kernels (``GPTQ_GROUP_SIZES``).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -36,11 +45,13 @@ import torch
 
 from .. import __version__
 from ..errors import LowbitError
+from ..jsonio import dumps
 from ..packed import bitpack
 from ..packed.qweight import GroupQuantWeight
 from .common import atomic_path, read_checkpoint
 
-GPTQ_BITS = (2, 3, 4, 8)
+GPTQ_BITS = (2, 3, 4, 8)                             # vLLM GPTQConfig; GPTQModel's torch kernel has these too
+GPTQ_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel TorchLinear.SUPPORTS_GROUP_SIZE (-1 = per row)
 FORMATS = ("gptq", "gptq_v2")
 SKIP_FILES = {"lowbit.json", "model.safetensors", "config.json"}
 
@@ -72,18 +83,22 @@ def _check_layer(name: str, p: GroupQuantWeight, group_size: int, checkpoint_for
     expected = n if group_size == -1 else min(group_size, n)
     if p.group_size != expected:
         raise LowbitError(f"GPTQ export needs one group size for all layers; layer '{name}' has {p.group_size}")
+    if group_size not in GPTQ_GROUP_SIZES and p.group_size != n:
+        raise LowbitError(f"GPTQ export supports group sizes {', '.join(map(str, GPTQ_GROUP_SIZES[1:]))} or per-row "
+                          f"(GPTQModel's kernels); layer '{name}' has {p.group_size}")
     if checkpoint_format == "gptq" and not p.sym and bool((p.zeros() == 0).any()):
         raise LowbitError(f"layer '{name}' has zero points equal to 0, which GPTQ v1 cannot store (it stores "
                           f"zero − 1); export with --checkpoint-format gptq_v2")
 
 
-def export_gptq(model_dir: str | os.PathLike, out: str | os.PathLike, checkpoint_format: str = "gptq") -> dict:
-    """Write the GPTQ checkpoint folder ``out`` (atomically) from the lowbit checkpoint ``model_dir``.
+def export_gptq(model_dir: str | os.PathLike, out: str | os.PathLike, checkpoint_format: str | None = None) -> dict:
+    """Write the GPTQ checkpoint folder ``out`` (atomically) from the lowbit checkpoint ``model_dir``;
+    ``checkpoint_format`` None: ``gptq`` for symmetric grids, ``gptq_v2`` for asymmetric ones.
 
-    Returns a small report: ``{"out", "layers", "bits", "group_size", "sym", "desc_act", "bytes"}``."""
+    Returns ``{"out", "layers", "bits", "group_size", "sym", "desc_act", "checkpoint_format", "bytes"}``."""
     from safetensors.torch import save_file
 
-    if checkpoint_format not in FORMATS:
+    if checkpoint_format is not None and checkpoint_format not in FORMATS:
         raise LowbitError(f"--checkpoint-format must be one of {', '.join(FORMATS)}, got {checkpoint_format!r}")
     ck = read_checkpoint(model_dir)
     layers = ck.int_layers("GPTQ export")
@@ -91,6 +106,7 @@ def export_gptq(model_dir: str | os.PathLike, out: str | os.PathLike, checkpoint
         raise LowbitError(f"{ck.path}: no quantized layers to export")
     first = next(iter(layers.values()))
     bits, sym = first.bits, first.sym
+    checkpoint_format = checkpoint_format or ("gptq" if sym else "gptq_v2")
     cfg = ck.meta.get("config", {})
     group_size = int(cfg.get("group_size", first.group_size))
     for name, p in layers.items():
@@ -119,10 +135,11 @@ def export_gptq(model_dir: str | os.PathLike, out: str | os.PathLike, checkpoint
     }
     with atomic_path(out, folder=True) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "config.json").write_text(dumps(config, indent=2, sort_keys=True) + "\n")
         for f in sorted(ck.path.iterdir()):
             if f.is_file() and f.name not in SKIP_FILES:
                 shutil.copy2(f, tmp / f.name)
     out = Path(out)
     return {"out": str(out), "layers": len(layers), "bits": bits, "group_size": group_size, "sym": sym,
-            "desc_act": desc_act, "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}
+            "desc_act": desc_act, "checkpoint_format": checkpoint_format,
+            "bytes": sum(f.stat().st_size for f in out.iterdir() if f.is_file())}

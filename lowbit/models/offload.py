@@ -10,6 +10,8 @@ from the safetensors files with ``safe_open`` (one tensor at a time, cast to flo
 :class:`~lowbit.packed.qlinear.QuantLinear` modules holding packed weights; only they and the
 block's small non-linear tensors (norms, biases) stay in memory, so the float weights of at most one
 block exist at any time and the saved checkpoint is byte-identical to a run without offload.
+Before any of that, :meth:`DiskOffload.check_complete` reads the files' headers: every parameter and
+persistent buffer must be there with its shape, so a missing tensor fails at once, not at its block.
 
 Sources: a Hugging Face folder with ``model.safetensors`` or a sharded
 ``model.safetensors.index.json``; a ``.gguf`` file (or the demo alias) is read from the float
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +29,8 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
-from .sources import _check_model_type, _gguf_cache_path, check_finite, load_model, resolve
+from .sources import (_check_folder, _gguf_cache_path, _one_line, check_finite, load_model, resolve, safetensors_keys,
+                      stored_names)
 
 OFFLOAD_MODES = ("none", "disk")
 
@@ -53,29 +55,16 @@ def _params_on_meta():
 
 def tensor_files(folder: str | Path) -> dict[str, Path]:
     """``{tensor name: safetensors file}`` of a model folder (single file or sharded index)."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise LowbitError(f"{index}: not a readable safetensors index ({e})") from None
-        return {name: folder / f for name, f in weight_map.items()}
-    single = folder / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
-    raise LowbitError(f"--offload disk: '{folder}' has no model.safetensors (or index); "
-                      "convert the model to safetensors or run without --offload")
+    return safetensors_keys(folder)
 
 
 class DiskOffload:
     """Loads a model's tensors lazily from safetensors, by dotted name, one decoder block at a time."""
 
-    def __init__(self, model: nn.Module, blocks_path: str, files: dict[str, Path], dtype: torch.dtype, source: str):
+    def __init__(self, model: nn.Module, blocks_path: str, files: dict[str, Path], dtype: torch.dtype, source: str,
+                 where: str | Path | None = None):
         self.model, self.blocks_path, self.files, self.dtype, self.source = model, blocks_path, files, dtype, source
+        self.where = str(where or source)  # the weights file named in errors (the index of a sharded model)
         self.prefix = getattr(model, "base_model_prefix", "") or ""
         self.loaded: list[int] = []  # block indices in materialization order (for tests and reports)
 
@@ -87,8 +76,31 @@ class DiskOffload:
             return name[len(self.prefix) + 1:]
         if self.prefix and f"{self.prefix}.{name}" in self.files:
             return f"{self.prefix}.{name}"
-        raise LowbitError(f"--offload disk: tensor '{name}' of model '{self.source}' is not in its safetensors "
-                          "files; run without --offload")
+        raise LowbitError(f"{self.where}: tensor '{name}' is missing (not in the model's safetensors files); "
+                          "refusing to run on weights that were not loaded")
+
+    def check_complete(self) -> None:
+        """Before any work: every parameter and persistent buffer of the model is in the files (a tied head is
+        the embedding's tensor under a second name), so no block fails after hours on the ones before it."""
+        from safetensors import safe_open
+
+        wanted: dict[Path, list] = {}
+        state = self.model.state_dict(keep_vars=True)
+        for name in stored_names(self.model):
+            key = self._key(name)
+            wanted.setdefault(self.files[key], []).append((name, key))
+        for path, items in wanted.items():  # shapes from the headers; no tensor is read
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for name, key in items:
+                        shape = tuple(f.get_slice(key).get_shape())
+                        if shape != tuple(state[name].shape):
+                            raise LowbitError(f"{path}: tensor '{key}' has shape {shape}, the model expects "
+                                              f"{tuple(state[name].shape)}")
+            except LowbitError:
+                raise
+            except Exception as e:  # a shard that is missing, truncated, or lacks the tensor its index promises
+                raise LowbitError(f"{path}: cannot read it ({_one_line(e)})") from None
 
     def load_into(self, module: nn.Module, prefix: str) -> None:
         """Replace every meta parameter of ``module`` (named ``prefix`` in the model) by its stored tensor."""
@@ -107,6 +119,19 @@ class DiskOffload:
                     t = f.get_tensor(key)  # a view of the file's mmap: copy it, or every page read stays mapped
                     t = t.to(self.dtype if t.is_floating_point() else t.dtype, copy=True)  # (and counted in RSS)
                     sub._parameters[leaf] = nn.Parameter(t, requires_grad=grad and t.is_floating_point())
+
+    def load_buffers(self) -> None:
+        """Persistent buffers (few and small) are read from the files at once, as ``from_pretrained`` does."""
+        from safetensors import safe_open
+
+        for name in stored_names(self.model):
+            owner, _, leaf = name.rpartition(".")
+            mod = self.model.get_submodule(owner)
+            if leaf in mod._buffers:
+                key = self._key(name)
+                with safe_open(str(self.files[key]), framework="pt") as f:
+                    t = f.get_tensor(key)
+                mod._buffers[leaf] = t.to(self.dtype if t.is_floating_point() else t.dtype, copy=True)
 
     def materialize(self, i: int) -> None:
         """Load block ``i``'s tensors (called by the runner just before the block is processed)."""
@@ -179,23 +204,27 @@ def load_offloaded(source: str, blocks_path_of, dtype: torch.dtype = torch.float
             gc.collect()
             if not (path / "config.json").is_file():
                 raise LowbitError(f"--offload disk: could not write the float cache of '{source}' under {path.parent}")
-    else:
-        _check_model_type(path / "config.json")
+    where = _check_folder(path, trust_remote_code)
     files = tensor_files(path)
     try:
         config = AutoConfig.from_pretrained(str(path), **kw)
         with _params_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
+        model.tie_weights()  # (the meta copies above untied a tied head; stored_names must see it tied)
     except LowbitError:
         raise
     except Exception as e:  # transformers raises many types for unreadable models
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LowbitError(f"cannot load model '{source}': {first[:300]}") from None
+        raise LowbitError(f"cannot load model '{source}': {_one_line(e)}") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), **kw)
+    except Exception as e:
+        raise LowbitError(f"cannot load the tokenizer of model '{source}': {_one_line(e)}") from None
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(path))
     blocks_path = blocks_path_of(model)
-    offload = DiskOffload(model, blocks_path, files, dtype, source)
+    offload = DiskOffload(model, blocks_path, files, dtype, source, where)
+    offload.check_complete()
+    offload.load_buffers()
     blocks = model.get_submodule(blocks_path)
     block_ids = {id(m) for b in blocks for m in b.modules()}
     tied = set()

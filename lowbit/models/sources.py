@@ -2,12 +2,15 @@
 
 ``load_model(source) -> (model, tokenizer, info)`` returns a float transformers causal LM in eval
 mode, its tokenizer, and a JSON-safe description of where it came from.  GGUF files are dequantized
-to float by transformers' GGUF support.  ``trust_remote_code`` stays off unless asked for.
+to float by transformers' GGUF support.  ``trust_remote_code`` stays off unless asked for (a folder whose
+``config.json`` has ``auto_map`` is refused without it).  Only safetensors and GGUF weights are read (never
+pickles), and every parameter and persistent buffer must come from them (:func:`check_loaded`).
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -78,22 +81,127 @@ def _cache_gguf(model, tokenizer, target: Path) -> None:
         shutil.rmtree(locals().get("tmp", target.parent / ".none"), ignore_errors=True)
 
 
-def _check_model_type(config_file: Path) -> None:
-    """Fail early, and clearly, on a config whose ``model_type`` transformers does not know."""
-    import json
+def _read_config(config_file: Path) -> dict:
+    try:
+        cfg = json.loads(config_file.read_text())
+    except RecursionError:
+        raise LowbitError(f"{config_file}: not a readable JSON config (nested too deeply)") from None
+    except (OSError, ValueError) as e:
+        raise LowbitError(f"{config_file}: not a readable JSON config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise LowbitError(f"{config_file}: not a readable JSON config (not an object)")
+    return cfg
 
+
+def _check_model_type(config_file: Path, trust_remote_code: bool = False) -> dict:
+    """Fail early, and clearly, on a config whose ``model_type`` transformers does not know, unless the folder
+    brings its own code (``auto_map``) and ``trust_remote_code`` allows running it.  Returns the config."""
     from transformers import CONFIG_MAPPING
 
+    cfg = _read_config(config_file)
+    model_type = cfg.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return cfg
+    if isinstance(cfg.get("auto_map"), dict):
+        if trust_remote_code:
+            return cfg
+        raise LowbitError(f"{config_file}: architecture {model_type!r} is defined by code in the model folder "
+                          "(auto_map); pass --trust-remote-code to run that code (only for a model you trust)")
+    raise LowbitError(f"{config_file}: unknown architecture {model_type!r} (not a transformers model type, "
+                      "and no auto_map code that --trust-remote-code could load)")
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "tekken.json")
+
+
+def weights_index(folder: Path) -> Path:
+    """The file that lists a folder's weights: ``model.safetensors.index.json`` (sharded) or ``model.safetensors``.
+
+    Pickle weights (``pytorch_model.bin``, ``*.pt``…) are never loaded: unpickling runs arbitrary code."""
+    for name in ("model.safetensors.index.json", "model.safetensors"):
+        if (folder / name).is_file():
+            return folder / name
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise LowbitError(f"model folder '{folder}' has only pickle weights ({pickles[0]}); lowbit never loads "
+                          "pickles (they can run code): save the model as safetensors (model.safetensors)")
+    raise LowbitError(f"model folder '{folder}' has no model.safetensors (or model.safetensors.index.json)")
+
+
+def safetensors_keys(folder: str | Path) -> dict[str, Path]:
+    """``{tensor name: safetensors file}`` of a model folder (single file or sharded index); headers only."""
+    from safetensors import safe_open
+
+    index = weights_index(Path(folder))
+    if index.name.endswith(".json"):
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {str(name): index.parent / str(f) for name, f in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise LowbitError(f"{index}: not a readable safetensors index ({type(e).__name__}: {e})") from None
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-        raise LowbitError(f"{config_file}: not a readable JSON config ({e})") from None
-    if model_type not in CONFIG_MAPPING:
-        raise LowbitError(f"{config_file}: unknown architecture {model_type!r} (not a transformers model type)")
+        with safe_open(str(index), framework="pt") as f:
+            return {name: index for name in f.keys()}
+    except Exception as e:  # SafetensorError for truncated/corrupt files, OSError
+        raise LowbitError(f"{index} is truncated or corrupt ({_one_line(e)})") from None
+
+
+def _check_folder(folder: Path, trust_remote_code: bool = False) -> Path:
+    """Before transformers sees a float model folder: a known (or trusted) architecture, safetensors weights,
+    tokenizer files, and not the remains of a lowbit checkpoint whose ``lowbit.json`` is gone.  Returns the
+    weights file (for messages)."""
+    from ..packed.checkpoint import META_FILE, packed_leftover
+
+    cfg = _check_model_type(folder / "config.json", trust_remote_code)
+    keys = safetensors_keys(folder)
+    if cfg.get("quantization_config") is None:  # (a GPTQ/AWQ checkpoint declares its packed tensors there)
+        leftover = packed_leftover(keys)
+        if leftover:
+            raise LowbitError(f"'{folder}' is a broken lowbit checkpoint: it holds packed tensors ('{leftover}') "
+                              f"but no {META_FILE}; restore {META_FILE} or quantize the model again")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise LowbitError(f"model folder '{folder}' has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])} …)")
+    return weights_index(folder)
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's message as one line (transformers' messages run over several)."""
+    return (" ".join(str(e).split()) or type(e).__name__)[:limit]
+
+
+def stored_names(model: torch.nn.Module) -> list[str]:
+    """The names a model's weights file must hold: every parameter once (a tied alias, such as a tied head, is
+    not stored) and every persistent buffer; non-persistent buffers (rotary ``inv_freq``) are computed."""
+    params = dict(model.named_parameters())  # tied parameters once, under their first name
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(params)
+    return [k for k in model.state_dict(keep_vars=True) if k not in aliases]
+
+
+def check_loaded(model: torch.nn.Module, loading_info: dict, where: str) -> None:
+    """Every parameter and persistent buffer of ``model`` came from the weights file ``where``.
+
+    ``loading_info`` is what ``from_pretrained(..., output_loading_info=True)`` returns: transformers fills
+    missing tensors with random values and only logs it.  Tied copies (a tied head) and non-persistent buffers
+    (rotary ``inv_freq``) are not in ``missing_keys``; anything else there is refused, the first in the
+    model's own order named."""
+    mismatched = list(loading_info.get("mismatched_keys") or ())
+    if mismatched:
+        key, stored, expected = sorted(mismatched)[0][:3]
+        raise LowbitError(f"{where}: tensor '{key}' has shape {tuple(stored)}, the model expects {tuple(expected)}")
+    missing = set(loading_info.get("missing_keys") or ())
+    if missing:
+        first = next((k for k in model.state_dict() if k in missing), None) or sorted(missing)[0]
+        raise LowbitError(f"{where}: tensor '{first}' is missing ({len(missing)} of the model's tensors are not "
+                          "in the file); refusing to run on weights that were not loaded")
 
 
 def load_model(source: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-    """Load a float causal LM and its tokenizer from any source; returns ``(model, tokenizer, info)``."""
+    """Load a float causal LM and its tokenizer from any source; returns ``(model, tokenizer, info)``.
+
+    Only safetensors (or GGUF) weights are read, and every tensor of the model must come from them
+    (:func:`check_loaded`): a missing tensor is an error, never a random initialisation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     info = resolve(source)
@@ -101,22 +209,30 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, trust_remote_cod
         raise LowbitError(f"model '{source}' is already a lowbit checkpoint; load it with lowbit.load")
     kw = {"trust_remote_code": trust_remote_code}
     path, cached = info["path"], None
+    where = source  # the weights file named in errors
     if info["kind"] == "gguf":  # dequantizing a GGUF is slow: keep a float safetensors copy
         cached = _gguf_cache_path(info["path"], info["gguf_file"])
+        where = str(Path(info["path"]) / info["gguf_file"])
         if (cached / "config.json").is_file():
             path = str(cached)
+            where = str(_check_folder(cached, trust_remote_code))
         else:
             kw["gguf_file"] = info["gguf_file"]
     if info["kind"] == "folder":
-        _check_model_type(Path(path) / "config.json")
+        where = str(_check_folder(Path(path), trust_remote_code))
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32 if "gguf_file" in kw else dtype, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32 if "gguf_file" in kw else dtype, use_safetensors=None if "gguf_file" in kw else True,
+            output_loading_info=True, ignore_mismatched_sizes=True, **kw)
     except LowbitError:
         raise
     except Exception as e:  # transformers raises many types for unreadable models
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LowbitError(f"cannot load model '{source}': {first[:300]}") from None
+        raise LowbitError(f"cannot load model '{source}': {_one_line(e)}") from None
+    check_loaded(model, loading, where)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+    except Exception as e:
+        raise LowbitError(f"cannot load the tokenizer of model '{source}': {_one_line(e)}") from None
     if "gguf_file" in kw:
         if getattr(model.config, "quantization_config", None) is not None:
             del model.config.quantization_config  # dequantized to float: no longer a GGUF-quantized model

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from . import bitpack
-from .qweight import FormatError, _expect
+from .qweight import FormatError, _expect, meta_bool, meta_int, meta_shape
 
 
 @dataclass(frozen=True)
@@ -129,34 +129,26 @@ class MixedBinaryWeight:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "MixedBinaryWeight":
-        try:
-            m, n = (int(v) for v in meta["shape"])
-            b, gs, k = int(meta["high_bits"]), int(meta["group_size"]), int(meta["high_cells"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"bad layer metadata {meta!r}: {e}") from None
-        residual = meta.get("binary_residual", False)  # absent in checkpoints written before the option
-        if not isinstance(residual, bool):
-            raise FormatError(f"bad layer metadata {meta!r}: binary_residual must be true or false")
-        if not (2 <= b <= 8 and gs >= 1 and m >= 1 and n >= 1):
-            raise FormatError(f"bad layer metadata {meta!r}")
+        m, n = meta_shape(meta)
+        b, gs = meta_int(meta, "high_bits", 2, 8), meta_int(meta, "group_size", 1)
+        residual = meta_bool(meta, "binary_residual", False)  # absent in checkpoints written before the option
         G = -(-n // gs)
-        if not 0 <= k <= m * G:
-            raise FormatError(f"bad high-cell count {k} for {m}x{G} cells")
+        k = meta_int(meta, "high_cells", 0, m * G)
+        # the tensors whose shapes follow from (m, n, G) first: they bound the work of counting the cells below
+        qsign = _expect(tensors, "qsign", torch.int32, (m, bitpack.packed_width(n, 1)))
+        p1, p2 = _expect(tensors, "p1", torch.float16, (m, G)), _expect(tensors, "p2", torch.float16, (m, G))
         mask = _expect(tensors, "mask", torch.int32, (bitpack.packed_width(m * G, 1),))
         high = bitpack.unpack(mask, 1, m * G).view(m, G).bool()
         if int(high.sum()) != k:
             raise FormatError(f"tensor 'mask' marks a different number of high cells than {k}")
-        kw = int(high[:, torch.arange(n) // gs].sum())
+        kw = int(high.sum(dim=0)[torch.arange(n) // gs].sum())  # weights in high cells: Σ_j (high cells of j's group)
         extra = {}
         if residual:
             extra = {"qres": _expect(tensors, "qres", torch.int32, (bitpack.packed_width(m * n - kw, 1),)),
                      "p3": _expect(tensors, "p3", torch.float16, (m * G - k,))}
-        return cls((m, n), b, gs,
-                   qsign=_expect(tensors, "qsign", torch.int32, (m, bitpack.packed_width(n, 1))),
+        return cls((m, n), b, gs, qsign=qsign,
                    qrest=_expect(tensors, "qrest", torch.int32, (bitpack.packed_width(kw, b - 1),)),
-                   mask=mask,
-                   p1=_expect(tensors, "p1", torch.float16, (m, G)),
-                   p2=_expect(tensors, "p2", torch.float16, (m, G)), **extra)
+                   mask=mask, p1=p1, p2=p2, **extra)
 
     def stored_bits(self) -> int:
         return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())

@@ -34,7 +34,7 @@ import torch
 from ..quip import e8p
 from ..quip.hadamard import fft_transform, hadamard_transform
 from . import bitpack
-from .qweight import FormatError, _expect
+from .qweight import FormatError, _expect, meta_int, meta_shape, meta_str
 
 KINDS = ("hadamard", "fft", "none")
 
@@ -174,16 +174,15 @@ class QuipWeight:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "QuipWeight":
-        try:
-            m, n = (int(v) for v in meta["shape"])
-            bits, codebook = int(meta["bits"]), str(meta["codebook"])
-            out_kind, in_kind, signs = str(meta["out_kind"]), str(meta["in_kind"]), str(meta["signs"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"bad layer metadata {meta!r}: {e}") from None
+        m, n = meta_shape(meta)
+        bits, codebook = meta_int(meta, "bits", 1, 8), meta_str(meta, "codebook", ("e8p", "scalar"))
+        out_kind, in_kind = meta_str(meta, "out_kind", KINDS), meta_str(meta, "in_kind", KINDS)
+        signs = meta_str(meta, "signs", ("bits", "real", "none"))
         stages = stages_of(codebook, bits)
-        if m < 1 or n < 1 or (codebook == "e8p" and n % 8) or out_kind not in KINDS or in_kind not in KINDS \
-                or signs not in ("bits", "real", "none") or (signs == "none") != (out_kind == "none" == in_kind):
-            raise FormatError(f"bad layer metadata {meta!r}")
+        if codebook == "e8p" and n % 8:
+            raise FormatError(f"an e8p layer needs a multiple of 8 columns, got {n}")
+        if (signs == "none") != (out_kind == "none" == in_kind):
+            raise FormatError(f"layer metadata: signs {signs!r} do not match the transforms {out_kind!r}/{in_kind!r}")
         stored = [_expect(tensors, key, *stage_codes_shape(st, m, n, bits)) for key, st in zip(("codes", "codes2"), stages)]
         su = sv = None
         if signs == "bits":

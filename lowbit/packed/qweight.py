@@ -24,12 +24,50 @@ class FormatError(ValueError):
 
 
 def _expect(tensors: dict, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """``tensors[key]``, which must have exactly ``dtype`` and ``shape`` and, when floating point, finite values."""
     if key not in tensors:
         raise FormatError(f"missing tensor '{key}'")
     t = tensors[key]
     if t.dtype != dtype or tuple(t.shape) != tuple(shape):
         raise FormatError(f"tensor '{key}' is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise FormatError(f"tensor '{key}' holds NaN or infinite values")
     return t
+
+
+# Layer metadata is read strictly: lowbit writes JSON integers, booleans and strings, so a float, a string of
+# digits, or 1 for true is damage, not a value to coerce (``int("4")``, ``bool("false")`` would accept garbage).
+
+def meta_int(meta: dict, key: str, lo: int = 1, hi: int | None = None) -> int:
+    """``meta[key]``: an integer (not a bool) in ``lo..hi``."""
+    v = meta.get(key)
+    if type(v) is not int or v < lo or (hi is not None and v > hi):
+        raise FormatError(f"layer metadata '{key}' must be an integer in {lo}..{'' if hi is None else hi}, got {v!r}")
+    return v
+
+
+def meta_bool(meta: dict, key: str, default: bool | None = None) -> bool:
+    """``meta[key]``: true or false (``default`` when absent, if given)."""
+    v = meta.get(key, default)
+    if not isinstance(v, bool):
+        raise FormatError(f"layer metadata '{key}' must be true or false, got {v!r}")
+    return v
+
+
+def meta_str(meta: dict, key: str, choices: tuple[str, ...]) -> str:
+    """``meta[key]``: one of ``choices``."""
+    v = meta.get(key)
+    if not isinstance(v, str) or v not in choices:
+        raise FormatError(f"layer metadata '{key}' must be one of {', '.join(choices)}, got {v!r}")
+    return v
+
+
+def meta_shape(meta: dict) -> tuple[int, int]:
+    """``meta["shape"]``: ``[m, n]``, two positive integers."""
+    v = meta.get("shape")
+    if not isinstance(v, list) or len(v) != 2 or any(type(d) is not int or d < 1 for d in v):
+        raise FormatError(f"layer metadata 'shape' must be [rows, columns] of positive integers, got {v!r}")
+    return v[0], v[1]
 
 
 @dataclass(frozen=True)
@@ -114,13 +152,9 @@ class GroupQuantWeight:
 
     @classmethod
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "GroupQuantWeight":
-        try:
-            m, n = (int(v) for v in meta["shape"])
-            bits, gs, sym, has_gidx = int(meta["bits"]), int(meta["group_size"]), bool(meta["sym"]), bool(meta["g_idx"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"bad layer metadata {meta!r}: {e}") from None
-        if not (1 <= bits <= 8 and gs >= 1 and m >= 1 and n >= 1):
-            raise FormatError(f"bad layer metadata {meta!r}")
+        m, n = meta_shape(meta)
+        bits, gs = meta_int(meta, "bits", 1, 8), meta_int(meta, "group_size", 1)
+        sym, has_gidx = meta_bool(meta, "sym"), meta_bool(meta, "g_idx")
         n_groups = -(-n // gs)
         g_idx = _expect(tensors, "g_idx", torch.int32, (n,)) if has_gidx else None
         if g_idx is not None and n and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
@@ -211,12 +245,7 @@ class OutlierQuantWeight:
     def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "OutlierQuantWeight":
         dense = GroupQuantWeight.from_tensors(tensors, {**meta, "kind": GroupQuantWeight.kind})
         m, n = dense.shape
-        try:
-            nnz = int(meta["nnz"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise FormatError(f"bad layer metadata {meta!r}: {e}") from None
-        if not 0 <= nnz <= m * n:
-            raise FormatError(f"bad outlier count {nnz} for a {m}x{n} weight")
+        nnz = meta_int(meta, "nnz", 0, m * n)
         rowptr = _expect(tensors, "outlier_rowptr", torch.int32, (m + 1,))
         col = _expect(tensors, "outlier_col", _col_dtype(n), (nnz,))
         val = _expect(tensors, "outlier_val", torch.float16, (nnz,))
@@ -245,6 +274,9 @@ def _register_more() -> None:
     from .quipw import QuipWeight  # QuIP#'s lattice codes + RHT signs
 
     FORMATS[QuipWeight.kind] = QuipWeight
+    from .ggufw import GGUFWeight  # GGUF blocks exactly as llama.cpp reads them (lowbit.gguf)
+
+    FORMATS[GGUFWeight.kind] = GGUFWeight
 
 
 def from_tensors(tensors: dict[str, torch.Tensor], meta: dict):
@@ -252,7 +284,11 @@ def from_tensors(tensors: dict[str, torch.Tensor], meta: dict):
     kind = meta.get("kind") if isinstance(meta, dict) else None
     if not isinstance(kind, str) or kind not in FORMATS:  # (a list or dict from a damaged lowbit.json is unhashable)
         raise FormatError(f"unknown packed format {kind!r}")
-    return FORMATS[kind].from_tensors(tensors, meta)
+    packed = FORMATS[kind].from_tensors(tensors, meta)
+    extra = sorted(set(tensors) - set(packed.tensors()))
+    if extra:  # a tensor the metadata does not account for (e.g. a g_idx with "g_idx": false) would be ignored
+        raise FormatError(f"unexpected tensor '{extra[0]}' for a {kind} layer with this metadata")
+    return packed
 
 
 _register_more()

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data import calibration_windows
 from ..errors import LowbitError
+from ..jsonio import dumps
 from .config import QATConfig
 
 
@@ -55,7 +56,7 @@ def lm_loss(model: nn.Module, ids: torch.Tensor, teacher: nn.Module | None = Non
 
 def _resume_key(qat: QATConfig, seqlen: int, names: list[str]) -> str:
     keep = {k: v for k, v in qat.to_json().items() if k not in ("save_every", "resume")}
-    return json.dumps({**keep, "seqlen": seqlen, "n_params": len(names)}, sort_keys=True)
+    return dumps({**keep, "seqlen": seqlen, "n_params": len(names)}, sort_keys=True)
 
 
 def save_state(work_dir: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
@@ -73,7 +74,7 @@ def save_state(work_dir: Path, step: int, params: dict[str, nn.Parameter], opt: 
                 tensors[f"opt.{moment}.{name}"] = st[moment].detach().cpu().contiguous()
     path = work_dir / f"step_{step:06d}.safetensors"
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"step": str(step), "losses": json.dumps(losses), "key": key})
+    save_file(tensors, str(tmp), metadata={"step": str(step), "losses": dumps(losses), "key": key})
     tmp.replace(path)
     for old in work_dir.glob("step_*.safetensors"):
         if old != path:

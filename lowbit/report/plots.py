@@ -4,8 +4,11 @@
   (no other model has fewer-or-equal bits and lower-or-equal perplexity) drawn as a staircase, the
   float model as a star with a dashed line at its perplexity.
 * ``quality_cloze.png``: the same for cloze accuracy (higher is better).
-* ``speed.png``: decode tokens/s per model (bench data; the float model from ``fp_decode_tokens_per_s``).
+* ``quality_kld.png``: the same for the KL divergence to the reference (``lowbit eval --kld``).
+* ``speed.png`` / ``prefill.png``: decode / prefill tokens/s per model (bench data; the float model from
+  ``fp_decode_tokens_per_s``; llama.cpp's ``llama-bench`` numbers as a second series when measured).
 * ``memory.png``: weight memory (bytes of weights as held in memory) and size on disk, MiB.
+* ``peak_rss.png``: peak resident memory of the ``lowbit bench`` and ``lowbit quantize`` processes, MiB.
 
 Each function returns the file name it wrote, or ``None`` when there was no data to draw.
 """
@@ -80,36 +83,66 @@ def _bars(out_dir: Path, name: str, labels: list[str], series: dict[str, list], 
     return name
 
 
-def plot_speed(entries: list[Entry], out_dir: Path) -> str | None:
-    """Decode tokens/s bars; ``None`` when no model has bench data."""
-    labels, values = [], []
-    fp_speed = next((e.get("fp_decode_tokens_per_s") for e in entries if e.get("fp_decode_tokens_per_s")), None)
-    for e in entries:
-        v = e.get("decode_tokens_per_s") or (fp_speed if e.kind == "fp" else None)
-        labels.append(e.label)
-        values.append(v)
-    if not any(v is not None for v in values):
-        return None
+def _speed_series(entries: list[Entry], phase: str) -> tuple[list[str], dict[str, list]]:
+    """Labels and ``{"lowbit": […], "llama.cpp": […]}`` tokens/s of ``phase`` (decode | prefill); the float
+    model's lowbit number from the quantized models' bench (``fp_<phase>_tokens_per_s``) when it has no row."""
+    key = f"{phase}_tokens_per_s"
+    fp_speed = next((e.get("fp_" + key) for e in entries if e.get("fp_" + key)), None)
+    labels = [e.label for e in entries]
+    ours = [e.get(key) or (fp_speed if e.kind == "fp" else None) for e in entries]
     if fp_speed is not None and not any(e.kind == "fp" for e in entries):
-        labels.append("FP")
-        values.append(fp_speed)
-    return _bars(out_dir, "speed.png", labels, {"decode tokens/s": values}, "tokens / s", "Decode speed")
+        labels, ours = labels + ["FP"], ours + [fp_speed]
+    series = {"lowbit runtime": ours}
+    llama = [e.get(f"llama_cpp_{key}") for e in entries] + [None] * (len(labels) - len(entries))
+    if any(v is not None for v in llama):
+        series["llama.cpp (llama-bench)"] = llama
+    return labels, series
+
+
+def plot_speed(entries: list[Entry], out_dir: Path) -> str | None:
+    """Decode tokens/s bars (lowbit's runtime, llama.cpp's when measured); ``None`` without bench data."""
+    labels, series = _speed_series(entries, "decode")
+    if not any(v is not None for v in series["lowbit runtime"]):
+        return None
+    return _bars(out_dir, "speed.png", labels, series, "tokens / s", "Decode speed (batch 1)")
+
+
+def plot_prefill(entries: list[Entry], out_dir: Path) -> str | None:
+    """Prefill tokens/s bars; ``None`` without bench data."""
+    labels, series = _speed_series(entries, "prefill")
+    if not any(v is not None for v in series["lowbit runtime"]):
+        return None
+    return _bars(out_dir, "prefill.png", labels, series, "tokens / s", "Prefill speed (batch 1)")
+
+
+def _mib_bars(entries: list[Entry], out_dir: Path, name: str, cols, title: str) -> str | None:
+    mib = lambda b: None if b is None else b / 2**20  # noqa: E731
+    series = {label: [mib(f(e)) for e in entries] for label, f in cols}
+    series = {k: v for k, v in series.items() if any(x is not None for x in v)}
+    if not series:
+        return None
+    return _bars(out_dir, name, [e.label for e in entries], series, "MiB", title)
 
 
 def plot_memory(entries: list[Entry], out_dir: Path) -> str | None:
     """Weight memory and size-on-disk bars (MiB); ``None`` when neither is known for any model."""
-    mib = lambda b: None if b is None else b / 2**20  # noqa: E731
-    mem = [mib(e.get("model_bytes")) for e in entries]
-    disk = [mib(e.disk_bytes) for e in entries]
-    series = {k: v for k, v in (("weight memory", mem), ("size on disk", disk)) if any(x is not None for x in v)}
-    if not series:
-        return None
-    return _bars(out_dir, "memory.png", [e.label for e in entries], series, "MiB", "Weights in memory and on disk")
+    return _mib_bars(entries, out_dir, "memory.png", (("weight memory", lambda e: e.get("model_bytes")),
+                                                      ("size on disk", lambda e: e.disk_bytes)),
+                     "Weights in memory and on disk")
+
+
+def plot_peak_rss(entries: list[Entry], out_dir: Path) -> str | None:
+    """Peak RSS of the bench and of the quantize run (MiB); ``None`` when neither was recorded."""
+    return _mib_bars(entries, out_dir, "peak_rss.png", (("lowbit bench", lambda e: e.get("peak_rss_bytes")),
+                                                        ("lowbit quantize", lambda e: e.run.get("peak_rss_bytes"))),
+                     "Peak resident memory of the process")
 
 
 def write_plots(entries: list[Entry], out_dir: Path) -> list[str]:
     """Every plot there is data for -> the file names written into ``out_dir``."""
     names = [plot_tradeoff(entries, "ppl", out_dir, "quality_ppl.png", "perplexity"),
              plot_tradeoff(entries, "cloze_accuracy", out_dir, "quality_cloze.png", "cloze accuracy", maximize=True),
-             plot_speed(entries, out_dir), plot_memory(entries, out_dir)]
+             plot_tradeoff(entries, "kld", out_dir, "quality_kld.png", "KL divergence to the reference (nats)"),
+             plot_speed(entries, out_dir), plot_prefill(entries, out_dir), plot_memory(entries, out_dir),
+             plot_peak_rss(entries, out_dir)]
     return [n for n in names if n]
