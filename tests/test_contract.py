@@ -28,7 +28,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import build_tiny_model, make_text
+from conftest import build_tiny_model, make_text, private_lowbit_cache
 
 WORKERS = 3
 TIMEOUT_S = 90
@@ -356,7 +356,7 @@ def shared(tmp_path_factory):
     fp_dir = build_tiny_model("llama", root / "shared" / "fp", text.read_text())
     ck_dir = root / "shared" / "ck"
     lowbit.quantize(str(fp_dir), method="rtn", bits=4, group_size=32, out=ck_dir, progress=False)
-    env = {**os.environ, "LOWBIT_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    env = {**os.environ, "LOWBIT_CACHE": str(private_lowbit_cache(root / "cache")), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}
     shared = {"root": root, "fp": fp_dir, "ck": ck_dir, "text": text, "env": env}
     shared["sources"] = {k: snapshot(shared[k]) for k in ("fp", "ck")} | {"text": _sha256(text)}
