@@ -64,6 +64,20 @@ def read_checkpoint(model_dir: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path, meta, config, layers, biases, tensors)
 
 
+def fp16_state(ck: Checkpoint, layers: dict, tensors_of) -> dict[str, torch.Tensor]:
+    """The exported state dict: each packed layer's tensors from ``tensors_of(name, weight)`` (a dict of
+    suffix -> tensor), its bias and every other tensor (embedding, norms, head) in float16."""
+    state: dict[str, torch.Tensor] = {}
+    for name, p in layers.items():
+        for key, t in tensors_of(name, p).items():
+            state[f"{name}.{key}"] = t
+        if name in ck.biases:
+            state[f"{name}.bias"] = ck.biases[name].to(torch.float16).contiguous()
+    for name, t in ck.others.items():
+        state[name] = (t.to(torch.float16) if t.is_floating_point() else t).contiguous()
+    return state
+
+
 def check_out_dir(out: Path) -> None:
     """``--out`` for a folder must not exist, or be an empty folder."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import LowbitError
 from ..packed.qweight import GroupQuantWeight
-from .common import atomic_path, read_checkpoint
+from .common import atomic_path, fp16_state, read_checkpoint
 
 CT_BITS = (4, 8)  # vLLM's CompressedTensorsWNA16: uint4b8/uint8b128, with zero points uint4/uint8
 SKIP_FILES = {"lowbit.json", "model.safetensors", "config.json"}
@@ -118,14 +118,7 @@ def export_compressed_tensors(model_dir: str | os.PathLike, out: str | os.PathLi
                                  format="pack-quantized", quantization_status=QuantizationStatus.COMPRESSED,
                                  ignore=ignore)
 
-    state: dict[str, torch.Tensor] = {}
-    for name, p in layers.items():
-        for key, t in compress_layer(p, schemes[keys[name]]).items():
-            state[f"{name}.{key}"] = t
-        if name in ck.biases:
-            state[f"{name}.bias"] = ck.biases[name].to(torch.float16).contiguous()
-    for name, t in ck.others.items():
-        state[name] = (t.to(torch.float16) if t.is_floating_point() else t).contiguous()
+    state = fp16_state(ck, layers, lambda name, p: compress_layer(p, schemes[keys[name]]))
 
     config = dict(ck.config)
     config["torch_dtype"] = config["dtype"] = "float16"

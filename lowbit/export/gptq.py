@@ -48,7 +48,7 @@ from ..errors import LowbitError
 from ..jsonio import dumps
 from ..packed import bitpack
 from ..packed.qweight import GroupQuantWeight
-from .common import atomic_path, read_checkpoint
+from .common import atomic_path, fp16_state, read_checkpoint
 
 GPTQ_BITS = (2, 3, 4, 8)                             # vLLM GPTQConfig; GPTQModel's torch kernel has these too
 GPTQ_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # GPTQModel TorchLinear.SUPPORTS_GROUP_SIZE (-1 = per row)
@@ -116,14 +116,7 @@ def export_gptq(model_dir: str | os.PathLike, out: str | os.PathLike, checkpoint
         _check_layer(name, p, group_size, checkpoint_format)
     desc_act = any(p.g_idx is not None and bool((p.g_idx[1:] < p.g_idx[:-1]).any()) for p in layers.values())
 
-    state: dict[str, torch.Tensor] = {}
-    for name, p in layers.items():
-        for key, t in gptq_tensors(p, checkpoint_format).items():
-            state[f"{name}.{key}"] = t
-        if name in ck.biases:
-            state[f"{name}.bias"] = ck.biases[name].to(torch.float16).contiguous()
-    for name, t in ck.others.items():
-        state[name] = (t.to(torch.float16) if t.is_floating_point() else t).contiguous()
+    state = fp16_state(ck, layers, lambda name, p: gptq_tensors(p, checkpoint_format))
 
     config = dict(ck.config)
     config["torch_dtype"] = config["dtype"] = "float16"
