@@ -86,6 +86,24 @@ def build_tiny_model(family: str, path, text: str):
     return path
 
 
+def down_proj_stats(path, text: str):
+    """``(W, H)`` of block 1's down_proj of the model at ``path``, ``H = 2/n Σ xxᵀ`` from the inputs it
+    really sees on 2048 tokens of ``text`` (8 windows of 256)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"][:2048]).view(8, 256)
+    lin = model.model.layers[1].mlp.down_proj
+    xs = []
+    h = lin.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        model(input_ids=ids)
+    h.remove()
+    X = torch.cat(xs).float()
+    return lin.weight.detach().clone(), 2 / X.shape[0] * X.T @ X
+
+
 @pytest.fixture(scope="session")
 def tiny_text(tmp_path_factory):
     p = tmp_path_factory.mktemp("text") / "calib.txt"

@@ -3,6 +3,7 @@ gguf.quants.quantize, llama.cpp's fallback rule, and GPTQ/FOEM on the grids beat
 import numpy as np
 import pytest
 import torch
+from conftest import down_proj_stats
 
 from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
@@ -145,22 +146,10 @@ def test_packed_format_round_trip_and_validation():
 @pytest.fixture(scope="module")
 def captured(tmp_path_factory):
     """(W, H) of the down_proj (512 inputs) of a tiny 256-wide llama, H from the inputs it sees on text."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from test_gguf_export import build_wide
 
     path = build_wide(tmp_path_factory.mktemp("wide") / "llama", "llama")
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = torch.tensor(tok((path / "calib.txt").read_text(), add_special_tokens=False)["input_ids"][:2048]).view(8, 256)
-    lin = model.model.layers[1].mlp.down_proj
-    xs = []
-    h = lin.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        model(input_ids=ids)
-    h.remove()
-    X = torch.cat(xs).float()
-    return lin.weight.detach().clone(), 2 / X.shape[0] * X.T @ X
+    return down_proj_stats(path, (path / "calib.txt").read_text())
 
 
 @pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q4_K", "Q6_K", "IQ4_NL", "Q4_0"])

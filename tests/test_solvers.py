@@ -2,6 +2,7 @@
 GPTQ's proxy loss below RTN's on activations captured from a real (tiny) model."""
 import pytest
 import torch
+from conftest import down_proj_stats
 
 from lowbit.config import QuantConfig
 from lowbit.solvers import SOLVERS
@@ -18,20 +19,7 @@ def solve(method, W, H, **kw):
 @pytest.fixture(scope="module")
 def captured(tiny_models, tiny_text):
     """(W, H) of a tiny llama's up_proj, H from the inputs it really sees on text."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = tiny_models["llama"]
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = torch.tensor(tok(tiny_text.read_text(), add_special_tokens=False)["input_ids"][:2048]).view(8, 256)
-    lin = model.model.layers[1].mlp.down_proj
-    xs = []
-    h = lin.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        model(input_ids=ids)
-    h.remove()
-    X = torch.cat(xs).float()
-    return lin.weight.detach().clone(), 2 / X.shape[0] * X.T @ X
+    return down_proj_stats(tiny_models["llama"], tiny_text.read_text())
 
 
 def test_asym_grid_golden():

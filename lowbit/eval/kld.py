@@ -26,6 +26,7 @@ from torch import nn
 
 from ..data import eval_windows, read_text, tokenize
 from ..errors import LowbitError
+from .ppl import bos_token_id
 
 
 def token_stats(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -93,11 +94,7 @@ def evaluate_kld(model: nn.Module, tokenizer, reference: str, *, text: str = "de
     from .. import api
 
     t0 = time.perf_counter()
-    bos_id = None
-    if bos:
-        bos_id = tokenizer.bos_token_id
-        if bos_id is None:
-            raise LowbitError("--bos: this tokenizer has no BOS token")
+    bos_id = bos_token_id(tokenizer, bos)
     ref_model, ref_tok, _ = api.load_any(reference, device=device or str(next(model.parameters()).device))
     raw = read_text(text, split="eval")
     ids = tokenize(tokenizer, raw)

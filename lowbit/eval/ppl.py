@@ -35,17 +35,22 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
     return math.exp(float(nll) / scored), scored
 
 
+def bos_token_id(tokenizer, bos: bool) -> int | None:
+    """``--bos``: the id prepended to every window (``None`` without ``--bos``); refused if the tokenizer has none."""
+    if not bos:
+        return None
+    if tokenizer.bos_token_id is None:
+        raise LowbitError("--bos: this tokenizer has no BOS token")
+    return tokenizer.bos_token_id
+
+
 def evaluate_ppl(model: nn.Module, tokenizer, text: str = "default", seqlen: int = 512,
                  max_tokens: int | None = 20480, bos: bool = False, batch_size: int = 4,
                  progress: bool = False) -> dict:
     """Perplexity of ``model`` on a text source (see :func:`lowbit.data.read_text`); returns
     ``{"ppl", "tokens_scored", "seqlen", "seconds"}``."""
     t0 = time.perf_counter()
-    bos_id = None
-    if bos:
-        bos_id = tokenizer.bos_token_id
-        if bos_id is None:
-            raise LowbitError("--bos: this tokenizer has no BOS token")
+    bos_id = bos_token_id(tokenizer, bos)
     ids = tokenize(tokenizer, read_text(text, split="eval"))
     windows = eval_windows(ids, seqlen, max_tokens, bos_id=bos_id)
     ppl, scored = perplexity(model, windows, batch_size=batch_size, progress=progress)
