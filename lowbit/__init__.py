@@ -3,15 +3,15 @@
 Public API: :func:`quantize`, :func:`load`, :func:`evaluate_ppl` (see :mod:`lowbit.api`).
 The names are imported on first use, so ``lowbit --help`` and argument errors do not wait for torch.
 """
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401
 
 from .errors import LowbitError  # noqa: E402
 
 _LAZY = {"quantize": "api", "load": "api", "load_any": "api", "evaluate_ppl": "api", "QuantizeResult": "api",
-         "QuantConfig": "config", "CalibConfig": "config", "Method": "config"}
+         "QuantConfig": "config", "CalibConfig": "config", "GridConfig": "config", "Method": "config"}
 
 __all__ = ["quantize", "load", "load_any", "evaluate_ppl", "QuantizeResult", "QuantConfig", "CalibConfig",
-           "Method", "LowbitError", "__version__"]
+           "GridConfig", "Method", "LowbitError", "__version__"]
 
 
 def __getattr__(name: str):

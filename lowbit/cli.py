@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import LowbitError
 from .jsonio import dumps, finite_float, write_json
+from .options import int_range as int_at_least  # argparse type: an integer in [low, high)
 from .outputs import check_file
 
 
@@ -32,66 +33,115 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"lowbit: error: {' '.join(message.split())}\n")
 
+    populate = None  # a callable that adds the rest of the arguments the first time this parser is used
 
-def int_at_least(low: int, high: int | None = None):
-    """argparse type: an integer in ``[low, high)`` (a bad value is the one-line error of :class:`_Parser`)."""
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer, got {s!r}") from None
-        if v < low or (high is not None and v >= high):
-            raise argparse.ArgumentTypeError(f"{v} must be >= {low}" if high is None else f"{v} must be in {low}..{high - 1}")
-        return v
-    return parse
+    def ready(self) -> "_Parser":
+        """Add the deferred arguments (``populate``) now, if not done yet; returns the parser."""
+        if self.populate is not None:
+            populate, self.populate = self.populate, None
+            populate(self)
+        return self
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super(_Parser, self.ready()).parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        return super(_Parser, self.ready()).format_help()
+
+    def format_usage(self) -> str:
+        return super(_Parser, self.ready()).format_usage()
 
 
 SEED = int_at_least(-2**63, 2**63)  # what torch's generators accept
 
 
-_QAT_FLAGS = ("train_text", "steps", "lora_rank", "lr", "distill", "grad_accum", "warmup", "save_every", "init", "resume")
-
-
-def _qat_config(a: argparse.Namespace, method: str):
-    """The DL-QAT flags as a ``QATConfig`` (``None`` for other methods, which must not be given them)."""
-    given = {k: getattr(a, k) for k in _QAT_FLAGS if getattr(a, k) is not None}
-    if method != "dlqat":
-        given.pop("resume", None)  # the calibration methods resume from per-block checkpoints (api.quantize)
-        if given:
-            raise LowbitError(f"--{next(iter(given)).replace('_', '-')} applies only to --method dlqat")
-        return None
-    from .qat.config import QATConfig
-
-    return QATConfig(**given, seed=a.seed, **({"batch_size": a.batch_size} if a.batch_size else {}))
-
-
 def quantize_configs(a: argparse.Namespace):
-    """The parsed ``lowbit quantize`` flags as ``(QuantConfig, CalibConfig, QATConfig or None)``."""
+    """The parsed ``lowbit quantize`` flags as ``(QuantConfig, CalibConfig, the method's run options or None)``.
+    A flag not given holds its default (or ``None``), so an option of another method left out is no error; one
+    given a value other than its default is.  The run options are DL-QAT's ``QATConfig``
+    (``MethodSpec.run_options``): only the flags given reach it."""
+    from . import methods
     from .config import CalibConfig, QuantConfig
+    from .options import change_flag, described, names
 
-    quant = QuantConfig(method=a.method, bits=a.bits, group_size=a.group_size, sym=a.sym, act_order=a.act_order,
-                        static_groups=not a.no_static_groups, damp=a.damp, block_size=a.block_size, mse=a.mse,
-                        beta=a.beta, pullback=a.pullback, outlier_frac=a.outlier_frac, saliency=a.saliency,
-                        outlier_select=a.outlier_select, gwq_solver=a.gwq_solver, binary_frac=a.binary_frac,
-                        high_bits=a.high_bits, squeeze_score=a.squeeze_score, squeeze_staged=not a.one_shot,
-                        binary_residual=a.binary_residual,
-                        codebook=a.codebook, rht=a.rht, scale_search=a.scale_search, finetune=a.finetune,
-                        ft_steps=a.ft_steps, ft_lr=a.ft_lr, head_bits=a.head_bits,
-                        gguf_type=getattr(a, "gguf_type", None))
-    calib = CalibConfig(source=a.calib, nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed,
-                        batch_size=a.batch_size, dtype=a.calib_dtype, true_sequential=not a.no_true_sequential,
-                        grad_samples=a.grad_samples, grad_checkpointing=a.grad_checkpointing, fp_targets=a.fp_targets,
-                        offload=a.offload)
-    return quant, calib, _qat_config(a, quant.method.value)
+    given = {k: v for k, v in vars(a).items() if v is not None}  # None: not given (the method's default)
+    method = methods.get(given.get("method", "gptq"))
+    calib = CalibConfig(**{k: given[k] for k in names(CalibConfig) if k in given})
+    quant = QuantConfig(method=method.name, **{k: given[k] for k in _quant_dests() if k in given})
+    run = None
+    for m in methods.REGISTRY.values():
+        if m.run_options is None:
+            continue
+        flags = {f.name: f for f in described(m.run_options)}
+        mine = {k: given[k] for k in flags if k in given}
+        if m is method:
+            if given.get("resume"):
+                mine["resume"] = True
+            run = m.run_options.from_flags(mine, calib)
+        elif mine:
+            k = next(iter(mine))
+            raise LowbitError(f"{change_flag(flags[k], mine[k])} applies only to --method {m.name}")
+    return quant, calib, run
+
+
+def _quant_dests() -> list[str]:
+    """The dests of the grid's and every method's option flags."""
+    from . import methods
+    from .config import GridConfig
+    from .options import names
+
+    out = list(names(GridConfig))
+    for m in methods.REGISTRY.values():
+        out += [n for n in names(m.options) if n not in out]
+    return out
+
+
+def _add_quantize_flags(q: argparse.ArgumentParser) -> None:
+    """``lowbit quantize``'s settings flags, generated from the settings' dataclasses (:func:`lowbit.options.add_flags`):
+    the shared grid, calibration, then one group per registered method (its options; DL-QAT's training
+    settings).  A setting several methods share gets one flag, in the first method's group, with each method's
+    default."""
+    from dataclasses import fields
+
+    from . import methods
+    from .config import CalibConfig, GridConfig
+    from .options import add_flags, default_of, names
+
+    reg = methods.REGISTRY
+    q.add_argument("--method", default="gptq", metavar="{" + ",".join(reg) + "}",
+                   help="; ".join(f"{m.name}: {m.title}" for m in reg.values()) + " (default gptq)")
+    add_flags(q.add_argument_group("grid (every method)"), GridConfig)
+    add_flags(q.add_argument_group("calibration"), CalibConfig)
+    seen = set(names(GridConfig)) | set(names(CalibConfig))
+
+    def default_text(f):
+        owners = {o.name: next(g for g in fields(o.options) if g.name == f.name)
+                  for o in reg.values() if f.name in names(o.options)}
+        values = {k: default_of(g) for k, g in owners.items()}
+        if len(set(map(repr, values.values()))) > 1:
+            return ", ".join(f"{v} for {k}" for k, v in values.items())
+        return default_of(f)
+
+    for m in reg.values():
+        todo = [n for n in names(m.options) if n not in seen]
+        if todo or m.run_options is not None:
+            group = q.add_argument_group(f"--method {m.name}", m.title)
+            add_flags(group, m.options, only=todo, default_text=default_text)
+            if m.run_options is not None:  # not given: None, so only the flags given reach the run options
+                add_flags(group, m.run_options, unset=True)
+        seen |= set(todo)
 
 
 def cmd_quantize(a: argparse.Namespace) -> int:
     from . import api
 
+    from .methods import get
+
     quant, calib, qat = quantize_configs(a)
-    if quant.method.value == "rtn" and a.calib != "default":  # data-free: a given --calib would be ignored
-        raise LowbitError(f"--calib {a.calib!r} is unused by --method rtn (data-free); drop it or choose a "
-                          "calibrated method")
+    method = get(quant.method)
+    if not method.needs_of(quant) & {"calibration", "train_text"} and calib.source != "default":
+        raise LowbitError(f"--calib {calib.source!r} is unused by --method {method.name} (data-free); drop it or "
+                          "choose a calibrated method")  # a given --calib would be ignored
     _check_json(a)
     res = api.quantize(a.model, out=a.out, quant=quant, calib=calib, device=a.device, progress=not a.quiet,
                        trust_remote_code=a.trust_remote_code, qat=qat, resume=bool(a.resume), force=a.force)
@@ -184,7 +234,9 @@ def cmd_info(a: argparse.Namespace) -> int:
     if a.json:
         print(dumps({k: v for k, v in meta.items() if a.layers or k != "layers"}, indent=1))
         return 0
-    cfg = meta.get("config") or {}
+    from .config import applicable
+
+    cfg = applicable(meta.get("config") or {}, meta.get("method"))  # an old lowbit.json lists every method's
     print(f"{a.model}: lowbit format v{meta['format_version']}, method {meta.get('method')}")
     print(f"  source       {(meta.get('source') or {}).get('source')}")
     print(f"  config       " + ", ".join(f"{k}={v}" for k, v in cfg.items()))
@@ -204,7 +256,7 @@ def cmd_info(a: argparse.Namespace) -> int:
 
 
 # Modules that add subcommands: each has ``register(subparsers)`` and sets ``func`` on its parsers.
-_EXTENSIONS: tuple[str, ...] = ("lowbit.export.cli", "lowbit.report.cli", "lowbit.deploy.cli")
+_EXTENSIONS: tuple[str, ...] = ("lowbit.export.cli", "lowbit.report.cli", "lowbit.deploy.cli", "lowbit.kernels.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,68 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it packed")
     q.add_argument("model", help="model folder, .gguf file, hub id, or 'smollm2-135m' (the demo model)")
-    q.add_argument("--method", default="gptq", help="rtn, gptq, foem, gwq, squeeze, dlqat or quip (default gptq)")
-    q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--group-size", type=int, default=128, help="columns per scale; -1 = per row (default 128)")
-    q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
-    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
-                   help="GPTQ: columns by decreasing Hessian diagonal (default on; static groups keep it free)")
-    q.add_argument("--no-static-groups", action="store_true", help="with --act-order: groups in permuted order (stores g_idx)")
-    q.add_argument("--damp", type=finite_float, default=0.01)
-    q.add_argument("--beta", type=finite_float, default=0.1, help="FOEM: first-order coefficient (default 0.1)")
-    q.add_argument("--pullback", default="next", help="FOEM: pull back the 'next' column or 'all' remaining")
-    q.add_argument("--outlier-frac", type=finite_float, default=0.01, help="GWQ: fraction of weights kept in fp16 (default 0.01)")
-    q.add_argument("--saliency", default="grad", help="GWQ: outlier score grad | hessian | magnitude (default grad)")
-    q.add_argument("--outlier-select", default="matrix", help="GWQ: top fraction per matrix | row | group")
-    q.add_argument("--gwq-solver", default="gptq", help="GWQ: dense part by gptq (default) or rtn")
-    q.add_argument("--grad-samples", type=int, default=16, help="GWQ: calibration windows back-propagated (default 16)")
-    q.add_argument("--grad-checkpointing", action="store_true", help="GWQ: recompute blocks in the backward (less memory)")
-    q.add_argument("--binary-frac", type=finite_float, default=0.8, help="Squeeze10: fraction of cells binarized (default 0.8)")
-    q.add_argument("--high-bits", type=int, default=4, help="Squeeze10: bits of the other cells (default 4)")
-    q.add_argument("--squeeze-score", default="pbar", help="Squeeze10: pbar (default) or magnitude cell selection")
-    q.add_argument("--one-shot", action="store_true", help="Squeeze10: score cells against FP, no 4-bit stage")
-    q.add_argument("--binary-residual", action="store_true",
-                   help="Squeeze10: residual binarization μ + α₁b₁ + α₂b₂ in binary cells (+1 bit/weight, +fp16/cell)")
-    q.add_argument("--codebook", default="e8p", help="QuIP#: e8p (E8P lattice + residual stages) or scalar (ablation)")
-    q.add_argument("--rht", action=argparse.BooleanOptionalAction, default=True,
-                   help="QuIP#: randomized Hadamard transform on both sides (default on; --no-rht: ablation)")
-    q.add_argument("--scale-search", action=argparse.BooleanOptionalAction, default=True,
-                   help="QuIP#: try 3 per-matrix scales, keep the lowest proxy loss (default on)")
-    q.add_argument("--finetune", action="store_true", help="QuIP#: per-block Adam on signs/scales vs FP outputs; Squeeze10: on the cells' scales/offsets (FIAS)")
-    q.add_argument("--ft-steps", type=int, default=50, help="--finetune: Adam steps per block (default 50)")
-    q.add_argument("--ft-lr", type=finite_float, default=None,
-                   help="--finetune: learning rate (default 1e-3 for quip, 5e-3 for squeeze)")
-    q.add_argument("--head-bits", type=int, default=0,
-                   help="also quantize the output head (lm_head) with RTN at this width, symmetric, groups of 32 "
-                        "(default 0: keep it float, as GPTQ tools do; llama.cpp quantizes it)")
-    q.add_argument("--gguf-type", default=None, metavar="TYPE",
-                   help="rtn/gptq/foem on this GGUF type's grid (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL Q2_K Q3_K Q4_K Q5_K "
-                        "Q6_K), stored as its blocks; rows it cannot hold fall back as llama.cpp does")
-    q.add_argument("--fp-targets", action=argparse.BooleanOptionalAction, default=None,
-                   help="FIAS: each layer reproduces the FP model's outputs from its quantized inputs (default: on for squeeze only)")
-    q.add_argument("--train-text", default=None, help="DL-QAT: training text (default: --calib, i.e. the calibration plays)")
-    q.add_argument("--steps", type=int, default=None, help="DL-QAT: optimizer steps (default 200)")
-    q.add_argument("--lora-rank", type=int, default=None, help="DL-QAT: LoRA rank r (default 8)")
-    q.add_argument("--lr", type=finite_float, default=None, help="DL-QAT: AdamW peak learning rate (default 1e-3)")
-    q.add_argument("--distill", action="store_true", default=None, help="DL-QAT: KL to the FP model's logits, not CE")
-    q.add_argument("--grad-accum", type=int, default=None,
-                   help="DL-QAT: micro-batches of --batch-size windows (default 4) per step (default 1)")
-    q.add_argument("--warmup", type=int, default=None, help="DL-QAT: linear warm-up steps (default 5%% of --steps)")
-    q.add_argument("--save-every", type=int, default=None, help="DL-QAT: checkpoint every K steps into OUT.work/")
-    q.add_argument("--resume", action="store_true", default=None, help="continue a killed run from OUT.work/ (finished blocks; DL-QAT: latest training checkpoint)")
-    q.add_argument("--init", default=None, help="DL-QAT: initial grid and W0 from rtn (default) or gptq")
-    q.add_argument("--block-size", type=int, default=128)
-    q.add_argument("--mse", action=argparse.BooleanOptionalAction, default=True,
-                   help="MSE search of each group's range (default on)")
-    q.add_argument("--calib", default="default", help="calibration text: default | FILE | DIR | HF dataset")
-    q.add_argument("--nsamples", type=int, default=64)
-    q.add_argument("--seqlen", type=int, default=512)
-    q.add_argument("--seed", type=SEED, default=0)
-    q.add_argument("--batch-size", type=int, default=0, help="calibration windows per forward pass (0 = auto)")
-    q.add_argument("--calib-dtype", default="auto", help="auto | float32 | bfloat16 | float16 (runner activations)")
-    q.add_argument("--no-true-sequential", action="store_true", help="one forward per block for all Hessians")
-    q.add_argument("--offload", default="none", help="none | disk: keep each block's weights in the safetensors "
-                   "files until it is quantized (memory bounded by one block)")
+    q.populate = _add_quantize_flags  # on first use: the methods' flags import their files (and torch)
+    q.add_argument("--resume", action="store_true", default=None, help="continue a killed run from OUT.work/ "
+                   "(finished blocks; DL-QAT: latest training checkpoint)")
     q.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     q.add_argument("--out", default=None, help="output folder (written atomically)")
     q.add_argument("--json", default=None, help="write seconds, bits_per_weight, peak_rss_bytes, per-layer losses")

@@ -1,18 +1,22 @@
 """Validated configuration: one frozen dataclass per concern, built by the CLI or the Python API.
 
-Nothing below the CLI sees command-line arguments: solvers read :class:`QuantConfig`, the runner
-reads :class:`CalibConfig`.  ``asdict`` of both is saved in ``lowbit.json`` next to every artifact.
+Nothing below the CLI sees command-line arguments: solvers read :class:`QuantConfig` (the shared
+:class:`GridConfig` plus the method's own options, :mod:`lowbit.methods`), the runner reads
+:class:`CalibConfig`.  Both are saved in ``lowbit.json`` next to every artifact (only the settings that
+apply).  Every field is made with :func:`lowbit.options.option`: the CLI's flags are generated from it.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 
 from .errors import LowbitError
+from .options import change_flag, default_of, int_range, option
 
 
 class Method(str, Enum):
-    """Quantization methods."""
+    """The methods lowbit was built with, as constants (the registry, :mod:`lowbit.methods`, is the list)."""
 
     RTN = "rtn"    # round-to-nearest on the group grid; data-free
     GPTQ = "gptq"  # column-feedback with the calibration Hessian (Frantar et al. 2022)
@@ -26,48 +30,46 @@ class Method(str, Enum):
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
-@dataclass(frozen=True)
-class QuantConfig:
-    """How each linear weight is quantized."""
+class MethodName(str):
+    """A method's name (``cfg.method``): a plain string equal to the :class:`Method` member of the same value,
+    with ``.value`` for code written against the enum; a method added as a file has no enum member."""
 
-    method: Method = Method.GPTQ
-    bits: int = 4                 # code width; 2…8
-    group_size: int = 128         # columns sharing a scale; -1 = one group per row; need not divide n
-    sym: bool = False             # symmetric grid (zero = 2^(bits-1)) instead of asymmetric
-    act_order: bool = True        # GPTQ: quantize columns by decreasing diag(H) (free with static groups)
-    static_groups: bool = True    # with act_order: fit group grids before permuting (contiguous groups)
-    damp: float = 0.01            # GPTQ: λ in H + λ·mean(diag H)·I, raised ×10 on failure
-    block_size: int = 128         # GPTQ: lazy-update block width
-    mse: bool = True              # shrink each group's range by MSE search (1.0 … 0.8)
-    beta: float = 0.1             # FOEM: first-order coefficient β (0 = GPTQ); > 0.5 degrades
-    pullback: str = "next"        # FOEM: pull back the next column only ("next") or all remaining ("all")
-    outlier_frac: float = 0.01    # GWQ: fraction of weights kept exactly in fp16
-    saliency: str = "grad"        # GWQ: outlier score: grad (Σ|∂L/∂W|), hessian (w²/[H⁻¹]_jj²) or magnitude (|w|)
-    outlier_select: str = "matrix"  # GWQ: top fraction per "matrix", per "row" or per "group"
-    gwq_solver: str = "gptq"      # GWQ: dense part by "gptq" (error feedback) or "rtn"
-    binary_frac: float = 0.8      # Squeeze10: fraction of (row, group) cells binarized
-    high_bits: int = 4            # Squeeze10: width of the cells that are not binarized
-    squeeze_score: str = "pbar"   # Squeeze10: which cells to binarize: "pbar" (output error) or "magnitude"
-    squeeze_staged: bool = True   # Squeeze10: score against the 4-bit stage-1 solution (False: one-shot, vs FP)
-    binary_residual: bool = False  # Squeeze10: binary cells μ + α₁·b₁ + α₂·b₂ (BiLLM residual; +1 bit/weight, +fp16/cell)
-    codebook: str = "e8p"         # QuIP#: "e8p" (E8P lattice, RVQ for 3/4 bits) or "scalar" (uniform grid ablation)
-    rht: bool = True              # QuIP#: randomized Hadamard transform on both sides (False: ablation)
-    rht_seed: int = 0             # QuIP#: sign vectors seeded by (rht_seed, layer shape, side)
-    scale_search: bool = True     # QuIP#: pick the per-matrix scale among a few ρ by proxy loss (False: fixed ρ)
-    finetune: bool = False        # QuIP#/Squeeze10: per-block Adam on signs/scales against the FP block outputs
-    ft_steps: int = 50            # QuIP#/Squeeze10: fine-tuning steps per block
-    ft_lr: float | None = None    # Adam lr; None = 1e-3 (QuIP#: signs, scales at lr/10), 5e-3 (Squeeze10: cell factors)
-    head_bits: int = 0            # output head (lm_head) too: 0 = keep it float; 2…8 = RTN, sym, groups of 32
-    gguf_type: str | None = None  # rtn/gptq/foem on this GGUF type's own grid (lowbit.gguf; bits/group_size unused)
+    @property
+    def value(self) -> str:
+        return str(self)
+
+
+def _gguf_name(name: str) -> str:
+    """The canonical spelling of a ``--gguf-type`` (a GGUF type or a llama.cpp preset; :mod:`lowbit.gguf`)."""
+    from .gguf import canonical
+
+    return canonical(name)
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The settings every method shares: the integer grid and the GPTQ-family column feedback."""
+
+    bits: int = option(4, "code width in bits", choices=SUPPORTED_BITS)
+    group_size: int = option(128, "columns sharing a scale; -1 = one group per row; need not divide n", metavar="N")
+    sym: bool = option(False, "symmetric grid (zero = 2^(bits-1)) instead of asymmetric")
+    act_order: bool = option(True, "GPTQ family: quantize columns by decreasing Hessian diagonal (static groups keep "
+                                   "it free)")
+    static_groups: bool = option(True, "with --act-order: fit the group grids before permuting, so groups stay "
+                                       "contiguous (off: groups in permuted order, stores g_idx)",
+                                 negate="--no-static-groups")
+    damp: float = option(0.01, "GPTQ family: λ in H + λ·mean(diag H)·I, raised ×10 on failure")
+    block_size: int = option(128, "GPTQ family: lazy-update block width (columns)")
+    mse: bool = option(True, "shrink each group's range by an MSE search (1.0 … 0.8)")
+    head_bits: int = option(0, "also quantize the output head (lm_head) with RTN at this width, symmetric, groups of "
+                               "32 (0: keep it float, as GPTQ tools do; llama.cpp quantizes it)",
+                            choices=(0,) + SUPPORTED_BITS)
+    gguf_type: str | None = option(None, "a GGUF type (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL Q2_K … Q6_K, see lowbit.gguf) "
+                                         "or a llama.cpp preset (Q4_K_M…, per-tensor types): rtn/gptq/foem on its "
+                                         "grid, stored as its blocks; rows it cannot hold fall back as llama.cpp "
+                                         "does", metavar="TYPE")
 
     def __post_init__(self):
-        try:
-            object.__setattr__(self, "method", Method(self.method))
-        except ValueError:
-            raise LowbitError(f"--method: unknown method {self.method!r} (choose from "
-                              f"{', '.join(m.value for m in Method)})") from None
-        if self.ft_lr is None:  # the learning rates the benchmarks ran with, per method (BENCHMARKS.md)
-            object.__setattr__(self, "ft_lr", 5e-3 if self.method == Method.SQUEEZE else 1e-3)
         if self.bits not in SUPPORTED_BITS:
             raise LowbitError(f"--bits {self.bits} is not supported (choose from {', '.join(map(str, SUPPORTED_BITS))})")
         if self.head_bits and self.head_bits not in SUPPORTED_BITS:
@@ -77,51 +79,13 @@ class QuantConfig:
             raise LowbitError(f"--group-size {self.group_size} is not supported (use -1 for per-row, or a positive size)")
         if not 0 < self.damp < 1e3:
             raise LowbitError(f"--damp {self.damp} must be positive")
-        if not 0 <= self.beta < 1:
-            raise LowbitError(f"--beta {self.beta} must be in [0, 1)")
-        if self.pullback not in ("next", "all"):
-            raise LowbitError(f"--pullback {self.pullback!r}: choose 'next' or 'all'")
-        if not 0 <= self.outlier_frac < 0.5:
-            raise LowbitError(f"--outlier-frac {self.outlier_frac} must be in [0, 0.5)")
-        for flag, value, choices in (("--saliency", self.saliency, ("grad", "hessian", "magnitude")),
-                                     ("--outlier-select", self.outlier_select, ("matrix", "row", "group")),
-                                     ("--gwq-solver", self.gwq_solver, ("gptq", "rtn"))):
-            if value not in choices:
-                raise LowbitError(f"{flag} {value!r}: choose {', '.join(choices)}")
-        if not 0 <= self.binary_frac <= 1:
-            raise LowbitError(f"--binary-frac {self.binary_frac} must be in [0, 1]")
-        if not 2 <= self.high_bits <= 8:
-            raise LowbitError(f"--high-bits {self.high_bits} is not supported (2..8)")
-        if self.squeeze_score not in ("pbar", "magnitude"):
-            raise LowbitError(f"--squeeze-score {self.squeeze_score!r}: choose pbar or magnitude")
-        if self.binary_residual and self.method != Method.SQUEEZE:
-            raise LowbitError("--binary-residual applies only to --method squeeze")
         if self.block_size < 1:
             raise LowbitError(f"--block-size {self.block_size} must be positive")
-        if self.codebook not in ("e8p", "scalar"):
-            raise LowbitError(f"--codebook {self.codebook!r}: choose e8p or scalar")
-        if self.method == Method.QUIP and self.bits not in (2, 3, 4):
-            raise LowbitError(f"--bits {self.bits} is not supported by --method quip (choose 2, 3 or 4)")
-        if self.method != Method.QUIP:
-            for flag, off in (("--codebook", self.codebook == "e8p"), ("--no-rht", self.rht)):
-                if not off:
-                    raise LowbitError(f"{flag} applies only to --method quip")
-        if self.finetune and self.method not in (Method.QUIP, Method.SQUEEZE):
-            raise LowbitError("--finetune applies only to --method quip or squeeze")
-        if self.ft_steps < 0 or not 0 < self.ft_lr < 1:
-            raise LowbitError(f"--ft-steps {self.ft_steps} / --ft-lr {self.ft_lr}: steps must be >= 0, lr in (0, 1)")
-
         if self.gguf_type is not None:
-            self._check_gguf()
-
-    def _check_gguf(self) -> None:
-        from .gguf import get
-
-        object.__setattr__(self, "gguf_type", get(self.gguf_type).name)
-        if self.method not in (Method.RTN, Method.GPTQ, Method.FOEM):
-            raise LowbitError(f"--gguf-type applies to --method rtn, gptq or foem, not {self.method.value}")
-        if self.act_order and not self.static_groups:
-            raise LowbitError("--gguf-type: GGUF has no g_idx, so act-order needs static groups (drop --no-static-groups)")
+            object.__setattr__(self, "gguf_type", _gguf_name(self.gguf_type))
+            if self.act_order and not self.static_groups:
+                raise LowbitError("--gguf-type: GGUF has no g_idx, so act-order needs static groups (drop "
+                                  "--no-static-groups)")
 
     def group_size_for(self, n: int) -> int:
         """Effective group size for a row of ``n`` columns (per-row when -1 or larger than n)."""
@@ -129,27 +93,146 @@ class QuantConfig:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["method"] = self.method.value
-        if d["gguf_type"] is None:  # absent unless used: other methods' lowbit.json stay as they were
+        if d["gguf_type"] is None:  # absent unless used
             del d["gguf_type"]
         return d
+
+
+_GRID = {f.name: f for f in fields(GridConfig)}
+_UNSET = object()
+
+
+def _owners(name: str) -> list:
+    """The registered methods whose options have a setting ``name``."""
+    from .methods import REGISTRY
+
+    return [m for m in REGISTRY.values() if name in {f.name for f in fields(m.options)}]
+
+
+def applicable(config: dict, method: str | None = None) -> dict:
+    """The settings of a saved ``config`` (``lowbit.json``) that apply to its method: ``method``, the grid's and
+    the method's options (``gguf_type`` only when set).  An old ``lowbit.json`` listed every method's settings;
+    an unknown method keeps everything."""
+    from .methods import REGISTRY
+
+    name = str(method or config.get("method") or "gptq")
+    if name not in REGISTRY:
+        return dict(config)
+    keep = {"method"} | set(_GRID) | {f.name for f in fields(REGISTRY[name].options)}
+    return {k: v for k, v in config.items() if k in keep and not (k == "gguf_type" and v is None)}
+
+
+def known_settings() -> set[str]:
+    """Every setting name some method has (``method``, the grid's, every registered method's options)."""
+    from .methods import REGISTRY
+
+    return {"method"} | set(_GRID) | {f.name for m in REGISTRY.values() for f in fields(m.options)}
+
+
+@dataclass(frozen=True, init=False)
+class QuantConfig:
+    """How each linear weight is quantized: ``method``, the shared :class:`GridConfig` and the method's own
+    options (the ``options`` dataclass of its :class:`lowbit.methods.base.MethodSpec`).
+
+    Built from flat settings as before, ``QuantConfig(method="foem", bits=3, beta=0.2)``: each goes to the grid
+    or to the method's options; a non-default value of another method's option is refused ("--beta applies
+    only to --method foem"), ``None`` means "the default".  Reading ``cfg.bits`` or ``cfg.beta`` reads the grid
+    or the options; another method's setting reads as its default (its off state: ``cfg.pullback`` of a GPTQ
+    config is ``"next"``), so the solvers read one object."""
+
+    method: MethodName
+    grid: GridConfig
+    options: object
+
+    def __init__(self, method="gptq", grid: GridConfig | None = None, options=None, **settings):
+        from .methods import get
+
+        spec = get(method)
+        own = {f.name: f for f in fields(spec.options)}
+        gkw = {} if grid is None else {f: getattr(grid, f) for f in _GRID}
+        okw: dict = {}
+        if options is not None:  # dataclasses.replace(cfg, method=...) passes the old method's options along
+            values = {f.name: getattr(options, f.name) for f in fields(options)}
+            if isinstance(options, spec.options):
+                okw = values
+            else:
+                settings = {**values, **settings}
+        for k, v in settings.items():
+            if k in _GRID or k in own:
+                f = _GRID.get(k) or own[k]
+                if not (v is None and f.default is not None):  # None: the default
+                    (gkw if k in _GRID else okw)[k] = v
+                continue
+            owners = sorted(_owners(k), key=lambda m: m.name)
+            if not owners:
+                raise LowbitError(f"unknown setting {k!r}")
+            fs = [next(f for f in fields(m.options) if f.name == k) for m in owners]
+            if v is not None and all(v != default_of(f) for f in fs):
+                raise LowbitError(f"{change_flag(fs[0], v)} applies only to --method "
+                                  f"{' or '.join(m.name for m in owners)}")
+        grid = GridConfig(**gkw)
+        options = spec.options(**okw)
+        check = getattr(options, "check_grid", None)
+        if check is not None:
+            check(grid)
+        if grid.gguf_type is not None and not spec.gguf:
+            from .methods import REGISTRY
+
+            ok = [m.name for m in REGISTRY.values() if m.gguf]
+            raise LowbitError(f"--gguf-type applies to --method {', '.join(ok[:-1])} or {ok[-1]}, not {spec.name}")
+        object.__setattr__(self, "method", MethodName(spec.name))
+        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "options", options)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("method", "grid", "options"):
+            raise AttributeError(name)
+        for part in (self.grid, self.options):
+            if hasattr(part, name):
+                return getattr(part, name)
+        owners = _owners(name)
+        if owners:
+            return default_of(next(f for f in fields(owners[0].options) if f.name == name))
+        raise AttributeError(f"QuantConfig has no setting {name!r}")
+
+    @classmethod
+    def from_json(cls, d: dict) -> "QuantConfig":
+        """The config saved in a ``lowbit.json`` (also an old one, whose ``config`` lists every method's settings:
+        the ones that do not apply to its method are ignored)."""
+        return cls(**applicable(d))
+
+    def replace(self, **changes) -> "QuantConfig":
+        """A copy with ``changes`` (flat settings, ``method`` too)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        """``{"method", the grid's settings, the method's options}``: only what applies (``gguf_type`` when set)."""
+        return {"method": str(self.method), **self.grid.to_json(), **asdict(self.options)}
 
 
 @dataclass(frozen=True)
 class CalibConfig:
     """Where calibration data comes from and how the runner processes it."""
 
-    source: str = "default"       # 'default' (embedded corpus, calibration plays), a file, folder or dataset
-    nsamples: int = 64            # windows drawn
-    seqlen: int = 512             # tokens per window
-    seed: int = 0                 # window offsets (private generator; global RNG untouched)
-    batch_size: int = 0           # windows per forward pass in the runner; 0 = auto (65 536 tokens)
-    dtype: str = "auto"           # activations' dtype in the runner: auto = bfloat16 on CPU/CUDA if supported
-    true_sequential: bool = True  # re-run the block between linear groups (q/k/v, o, gate/up, down)
-    fp_targets: bool | None = None  # FIAS: layer targets from the FP model's stream (calib/fias.py; None = on for squeeze only)
-    grad_samples: int = 16        # GWQ: calibration windows back-propagated for Σ|∂L/∂W|
-    grad_checkpointing: bool = False  # GWQ: recompute each block in the backward pass (less memory)
-    offload: str = "none"         # "disk": blocks' weights stay in the safetensors files until quantized (lowbit.models.offload)
+    source: str = option("default", "calibration text: default (the embedded plays) | FILE | DIR | HF dataset",
+                         flag="--calib")
+    nsamples: int = option(64, "calibration windows drawn")
+    seqlen: int = option(512, "tokens per calibration window")
+    seed: int = option(0, "window offsets (private generator; the global RNG is untouched); DL-QAT: LoRA init and "
+                          "batches too", type=int_range(-2**63, 2**63))
+    batch_size: int = option(0, "calibration windows per forward pass in the runner (0 = auto: 65 536 tokens); "
+                                "DL-QAT: windows per micro-batch (default 4)")
+    dtype: str = option("auto", "activations' dtype in the runner: auto = bfloat16 where the hardware runs it fast",
+                        flag="--calib-dtype", choices=("auto", "float32", "bfloat16", "float16"))
+    true_sequential: bool = option(True, "re-run the block between linear groups (q/k/v, o, gate/up, down) "
+                                         "(off: one forward per block for all Hessians)",
+                                   negate="--no-true-sequential")
+    fp_targets: bool | None = option(None, "FIAS: each layer reproduces the FP model's outputs from its quantized "
+                                           "inputs (default: on for squeeze only)", type=bool)
+    grad_samples: int = option(16, "GWQ: calibration windows back-propagated for Σ|∂L/∂W|")
+    grad_checkpointing: bool = option(False, "GWQ: recompute each block in the backward pass (less memory)")
+    offload: str = option("none", "disk: keep each block's weights in the safetensors files until it is quantized "
+                                  "(memory bounded by one block)", choices=("none", "disk"))
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-python -m pytest -q -ra tests "$@"
+# -m "": every tier (pyproject's addopts selects only the fast one for a plain `pytest`)
+python -m pytest -q -ra -m "" tests "$@"

@@ -1,107 +1,17 @@
-"""Shared fixtures: tiny random-config models of every supported family, saved as HF folders.
+"""Shared fixtures (plain helpers are in ``helpers.py``) and the test tiers.
 
-No downloads: configs are built locally, weights are random (seeded), the tokenizer is a small
-byte-level BPE trained in the test on generated text.
+Tiers, by marker (registered in ``pyproject.toml``): plain ``python -m pytest`` runs the fast tier, the
+tests marked neither ``slow`` (the real demo model) nor ``e2e`` (subprocess CLI runs, torchrun, kill and
+resume, offload, training, and anything else that takes more than a few seconds); ``scripts/test.sh`` runs
+every tier.
 """
 from __future__ import annotations
 
-import random
 import shutil
 
 import pytest
-import torch
 
-WORDS = ("the king queen lord lady love death night day sword crown heart blood fair foul sweet "
-         "speak hear see come go stay fly run and but or if not so yet thou thee thy my our your "
-         "good ill true false gold iron stone fire water air earth sea land sky star moon sun").split()
-
-
-def make_text(n_words: int = 6000, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    lines, line = [], []
-    for _ in range(n_words):
-        line.append(rng.choice(WORDS))
-        if len(line) >= rng.randint(5, 10):
-            lines.append(" ".join(line).capitalize() + rng.choice([",", ".", ";", "!", "?"]))
-            line = []
-    return "\n".join(lines) + "\n"
-
-
-def make_tokenizer(text: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=160, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([text], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-def family_config(family: str, vocab: int):
-    import transformers as tf
-
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    if family == "llama":
-        return tf.LlamaConfig(**common, tie_word_embeddings=True)
-    if family == "mistral":
-        return tf.MistralConfig(**common, sliding_window=None)
-    if family == "qwen2":
-        return tf.Qwen2Config(**common)
-    if family == "qwen3":
-        return tf.Qwen3Config(**common, head_dim=16)
-    if family == "gemma3":
-        return tf.Gemma3TextConfig(**{**common, "num_hidden_layers": 3}, head_dim=16, sliding_window=16,
-                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"])
-    if family == "opt":
-        return tf.OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
-                            num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64,
-                            bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    raise ValueError(family)
-
-
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "opt")
-
-
-def build_tiny_model(family: str, path, text: str):
-    from transformers import AutoModelForCausalLM
-
-    tok = make_tokenizer(text)
-    cfg = family_config(family, len(tok))
-    gen = torch.random.fork_rng()
-    with gen:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg)
-        with torch.no_grad():  # larger-than-default weights so quantization error is visible
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0, 0.08)
-    model.eval()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
-def down_proj_stats(path, text: str):
-    """``(W, H)`` of block 1's down_proj of the model at ``path``, ``H = 2/n Σ xxᵀ`` from the inputs it
-    really sees on 2048 tokens of ``text`` (8 windows of 256)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
-    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"][:2048]).view(8, 256)
-    lin = model.model.layers[1].mlp.down_proj
-    xs = []
-    h = lin.register_forward_pre_hook(lambda m, a: xs.append(a[0].reshape(-1, a[0].shape[-1])))
-    with torch.no_grad():
-        model(input_ids=ids)
-    h.remove()
-    X = torch.cat(xs).float()
-    return lin.weight.detach().clone(), 2 / X.shape[0] * X.T @ X
+from helpers import FAMILIES, build_tiny_model, down_proj_stats, make_text
 
 
 @pytest.fixture(scope="session")
@@ -127,36 +37,7 @@ def broken(ckpt, tmp_path):
     return dst
 
 
-RUN_RECORD = "quantize"  # lowbit.json's record of one run (seconds, peak RSS, machine): differs between equal runs
-
-
-def artifact_files(folder) -> dict:
-    """``{name: bytes}`` of a checkpoint folder, ``lowbit.json`` without its run record (:data:`RUN_RECORD`),
-    for the tests that require two runs to write the same files."""
-    import json
-
-    out = {}
-    for p in sorted(folder.iterdir()):
-        data = p.read_bytes()
-        if p.name == "lowbit.json":
-            meta = json.loads(data)
-            assert isinstance(meta.pop(RUN_RECORD, None), dict), "lowbit.json records the run"
-            data = json.dumps(meta, sort_keys=True).encode()
-        out[p.name] = data
-    return out
-
-
-def private_lowbit_cache(path):
-    """A fresh ``$LOWBIT_CACHE`` folder at ``path`` for the float-model evaluations, sharing the real cache's
-    compiled kernels and GGUF float copies (so tests that isolate the evaluations build neither again)."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    for shared in ("kernels", "gguf"):
-        real = Path(os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit") / shared
-        real.mkdir(parents=True, exist_ok=True)
-        if not (path / shared).exists():
-            (path / shared).symlink_to(real, target_is_directory=True)
-    return path
+@pytest.fixture(scope="module")
+def captured(tiny_models, tiny_text):
+    """``(W, H)`` of the tiny llama's block-1 down_proj, ``H`` from the inputs it really sees on the text."""
+    return down_proj_stats(tiny_models["llama"], tiny_text.read_text())

@@ -16,7 +16,7 @@ from lowbit.errors import LowbitError
 from lowbit.eval import harness
 from lowbit.eval.cloze import STOPWORDS, cloze_accuracy, passages, score_passages
 
-from conftest import build_tiny_model, make_text, make_tokenizer
+from helpers import build_tiny_model, make_text, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,7 @@ def _cli(*args, env=None):
                           timeout=900, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.e2e
 def test_cli_tasks_json_and_evals_history(tiny, text, tmp_path):
     src = tmp_path / "plays.txt"
     src.write_text(text)
@@ -164,6 +165,7 @@ def _task_yaml(tmp_path, name, dataset_lines):
     return y
 
 
+@pytest.mark.e2e
 def test_lm_eval_local_task_and_offline_errors(tiny, tmp_path):
     """A multiple-choice task over a local JSON file runs offline; its two choices are the same
     text, so the model scores them equally, lm-eval picks the first, and exactly the documents with

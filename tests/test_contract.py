@@ -28,7 +28,9 @@ from typing import Callable
 
 import pytest
 
-from conftest import build_tiny_model, make_text, private_lowbit_cache
+from helpers import build_tiny_model, make_text, private_lowbit_cache
+
+pytestmark = pytest.mark.e2e  # every case runs the real CLI in a subprocess
 
 WORKERS = 3
 TIMEOUT_S = 90

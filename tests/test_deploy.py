@@ -22,6 +22,7 @@ def ckpt(tiny_models, tmp_path_factory):
     return out
 
 
+@pytest.mark.e2e
 def test_generate_greedy_fast_equals_reference(ckpt):
     model, tok, meta = load_for_generation(str(ckpt))
     assert meta is not None
@@ -84,6 +85,21 @@ def test_bench_without_fp(ckpt):
     r = bench(str(ckpt), prompt_tokens=8, new_tokens=3, repeats=1, dtypes=("float32",), fp=False,
               progress=lambda *_: None)
     assert r["decode_tokens_per_s"] > 0 and "fp_decode_tokens_per_s" not in r
+    assert r["kernels"] and all(isinstance(k, str) for k in r["kernels"])
+
+
+def test_bench_names_the_kernels_the_layers_use(ckpt):
+    """``kernels`` lists what the packed layers of the loaded checkpoint run: only the reference path when it is
+    forced, and the same names as the layers' own dispatch otherwise."""
+    with kernels.use_backend("reference"):
+        r = bench(str(ckpt), prompt_tokens=4, new_tokens=2, repeats=1, dtypes=("float32",), fp=False,
+                  llama_cpp=False, record=False, progress=lambda *_: None)
+    assert r["kernels"] == ["reference"]
+    model, _tok, _meta = lowbit.load(ckpt, device="cpu")
+    layers = [m for m in model.modules() if type(m).__name__ == "QuantLinear"]
+    r = bench(str(ckpt), prompt_tokens=4, new_tokens=2, repeats=1, dtypes=("float32",), fp=False,
+              llama_cpp=False, record=False, progress=lambda *_: None)
+    assert r["kernels"] == sorted({kernels.kernel_name(m.packed, torch.empty(1, m.in_features)) for m in layers})
 
 
 @pytest.mark.parametrize("args,needle", [

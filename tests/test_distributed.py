@@ -6,7 +6,9 @@ import sys
 
 import pytest
 
-from conftest import artifact_files
+from helpers import artifact_files
+
+pytestmark = pytest.mark.e2e  # torchrun, two processes
 
 # 7 windows, 3 gradient windows: rank 0 gets one more than rank 1, so the ranks' rounds of window sums differ
 ARGS = ["--bits", "3", "--group-size", "32", "--nsamples", "7", "--seqlen", "64", "--grad-samples", "3", "--quiet"]

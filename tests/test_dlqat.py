@@ -19,7 +19,7 @@ from lowbit.qat.fakequant import RoundSTE
 from lowbit.solvers import rtn
 from lowbit.qat.train import lm_loss, lr_factor, train
 
-from conftest import make_tokenizer
+from helpers import make_tokenizer
 
 QUANT = QuantConfig(method="dlqat", bits=3, group_size=32)
 CALIB = CalibConfig(nsamples=8, seqlen=64, seed=0)
@@ -96,6 +96,7 @@ def test_trainable_fraction_formula_and_below_one_percent(tmp_path, tiny_text):
     assert unique_param_count(fp) == P
 
 
+@pytest.mark.e2e
 def test_export_equals_fake_quant_and_checkpoint_round_trip(tiny_models, tiny_text, tmp_path):
     qat = QATConfig(steps=3, lora_rank=4, batch_size=2, lr=0.02)
     model, modules, tok, spec = wrapped(tiny_models["llama"], tiny_text, qat)
@@ -129,6 +130,7 @@ def test_export_equals_fake_quant_and_checkpoint_round_trip(tiny_models, tiny_te
 
 
 @pytest.mark.parametrize("distill", [False, True])
+@pytest.mark.e2e
 def test_training_lowers_the_loss(tiny_models, tiny_text, distill):
     qat = QATConfig(steps=25, lora_rank=4, batch_size=4, lr=0.01, distill=distill)
     model, modules, tok, _ = wrapped(tiny_models["llama"], tiny_text, qat)
@@ -159,6 +161,7 @@ def test_gptq_init_starts_at_gptq(tiny_models, tiny_text, tmp_path):
                 QuantConfig(method="dlqat", bits=4, group_size=32))
 
 
+@pytest.mark.e2e
 def test_deterministic_global_rng_untouched_and_resume(tiny_models, tiny_text, tmp_path, monkeypatch):
     src = str(tiny_models["llama"])
     kw = dict(method="dlqat", bits=3, group_size=32, source=str(tiny_text), seqlen=64, progress=False)
@@ -205,6 +208,7 @@ def test_bad_settings(kw, flag):
 @pytest.mark.parametrize("args, needle", [(["--method", "dlqat", "--steps", "0"], "--steps 0"),
                                           (["--method", "gptq", "--lora-rank", "4"], "only to --method dlqat"),
                                           (["--method", "dlqat", "--resume"], "needs --out")])
+@pytest.mark.e2e
 def test_cli_errors_are_one_line(tiny_models, args, needle):
     r = subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(tiny_models["llama"]), *args, "--quiet"],
                        capture_output=True, text=True)

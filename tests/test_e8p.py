@@ -64,6 +64,7 @@ def test_code_bit_fields_and_parity_rule(cb):
 
 @pytest.mark.parametrize("scale", [0.3, 1.0, 2.0, 6.0])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.e2e
 def test_encode_is_exact_nearest(cb, scale, dtype):
     x = torch.randn(3000, 8, generator=torch.Generator().manual_seed(int(scale * 10)), dtype=torch.float64) * scale
     bf = _brute_force(x, cb)

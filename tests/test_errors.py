@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.cli import main
 from lowbit.errors import LowbitError
+
+from helpers import run_cli
 
 CALIB = dict(nsamples=4, seqlen=64, seed=0, progress=False)
 
@@ -18,12 +19,6 @@ def ckpt(tiny_models, tiny_text, tmp_path_factory):
     out = tmp_path_factory.mktemp("ck") / "q"
     lowbit.quantize(str(tiny_models["llama"]), bits=4, group_size=32, source=str(tiny_text), out=out, **CALIB)
     return out
-
-
-def run_cli(capsys, *args):
-    code = main(list(args))
-    err = capsys.readouterr().err
-    return code, err
 
 
 def assert_clean(code, err, *needles):

@@ -269,6 +269,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "lowbit", "export", *args], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_cli_export(ckpts, tiny_models, tmp_path):
     src, _ = ckpts()
     r = _cli(str(src), "--format", "gguf", "--out", str(tmp_path / "m.gguf"))

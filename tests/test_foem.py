@@ -9,7 +9,6 @@ from lowbit.solvers.feedback import column_feedback, inverse_cholesky
 from lowbit.solvers.grid import UniformGrid
 from lowbit.solvers.loss import proxy_loss
 
-from test_solvers import captured  # noqa: F401  (fixture: W, H from a real tiny model)
 
 
 def solve(W, H, **kw):

@@ -4,12 +4,10 @@ the gguf package's dequantizer and, when the binaries exist, by llama.cpp's own)
 reproduces lowbit's perplexity, gemma3's conventions, refusals, and llama-perplexity runs the file."""
 import json
 import math
-import os
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,45 +19,11 @@ from lowbit.export import export_gguf
 from lowbit.export.gguf import permute_rows
 from lowbit.gguf import QUANT_TYPES
 
-from conftest import make_text
+from helpers import build_wide, llama_cpp_bin, make_text
 
 GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
               "mlp.down_proj": "ffn_down"}
-
-
-def build_wide(path: Path, family: str) -> Path:
-    """A random 2-block model, hidden 256, MLP 512, byte-level BPE of 384 tokens (so it has merges, which
-    llama.cpp needs); gemma3 with head_dim 256 = query_pre_attn_scalar, as llama.cpp's gemma3 graph assumes."""
-    import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    text = make_text()
-    tk = Tokenizer(models.BPE(unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=384, special_tokens=["<unk>", "<s>", "</s>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    common = dict(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                  max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    if family == "llama":
-        cfg = tf.LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    else:
-        cfg = tf.Gemma3TextConfig(**common, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
-                                  sliding_window=16)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = tf.AutoModelForCausalLM.from_config(cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0, 0.08)
-    model.eval()
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    (path / "calib.txt").write_text(text)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +69,8 @@ def lowbit_weights(folder) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("gtype", list(QUANT_TYPES))
+@pytest.mark.parametrize("gtype", [pytest.param(t, marks=pytest.mark.e2e) if t.startswith(("IQ2", "IQ3")) else t
+                                   for t in QUANT_TYPES])  # the lattice i-quants take tens of seconds each
 def test_every_type_exports_losslessly(quantized, tmp_path, gtype):
     import gguf
 
@@ -123,6 +88,7 @@ def test_every_type_exports_losslessly(quantized, tmp_path, gtype):
     assert seen == len(ours) == 14
 
 
+@pytest.mark.e2e
 def test_gptq_k_quant_export_is_lossless_and_gemma3_too(quantized, tmp_path):
     import gguf
 
@@ -210,6 +176,7 @@ def test_refused_families_are_named(tiny_models, tmp_path):
     assert not (tmp_path / "o.gguf").exists()
 
 
+@pytest.mark.e2e
 def test_cli_gguf_type_and_fallback_message(wide, tmp_path):
     out = tmp_path / "c"
     r = subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(wide["llama"]), "--method", "rtn",
@@ -226,21 +193,10 @@ def test_cli_gguf_type_and_fallback_message(wide, tmp_path):
 
 # -- llama.cpp itself (skipped when its binaries are absent) -----------------------------------------------
 
-def llama_cpp_bin(name: str) -> str | None:
-    """``name`` from $LOWBIT_LLAMA_CPP_BIN, PATH, or a cached build under ~/.cache/llamacpp."""
-    env = os.environ.get("LOWBIT_LLAMA_CPP_BIN")
-    if env and (Path(env) / name).is_file():
-        return str(Path(env) / name)
-    found = shutil.which(name)
-    if found:
-        return found
-    for p in sorted(Path.home().glob(f".cache/llamacpp/DL/*/vendor/llama.cpp/build/bin/{name}")):
-        return str(p)
-    return None
-
-
 @pytest.mark.skipif(llama_cpp_bin("llama-quantize") is None, reason="llama.cpp's llama-quantize is not built")
-@pytest.mark.parametrize("gtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"])
+@pytest.mark.parametrize("gtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS", "IQ3_XXS", "IQ3_S",
+                                   "IQ2_XXS", "IQ2_XS", "IQ2_S"])
+@pytest.mark.e2e
 def test_llama_cpp_dequantizes_to_lowbit_weights(quantized, tmp_path, gtype):
     """ggml's own C dequantizer (llama-quantize ... F32) reads our blocks as exactly lowbit's weights."""
     import gguf
@@ -271,10 +227,12 @@ def _llama_cpp_protocol_ppl(model, ids, ctx):
 
 
 @pytest.mark.skipif(llama_cpp_bin("llama-perplexity") is None, reason="llama.cpp's llama-perplexity is not built")
-@pytest.mark.parametrize("family,gtype", [("llama", "Q4_K"), ("llama", "Q2_K"), ("gemma3", "Q4_K")])
+@pytest.mark.parametrize("family,gtype", [("llama", "Q4_K"), ("llama", "Q2_K"), ("gemma3", "Q4_K"), ("llama", "IQ4_XS"),
+                                          ("llama", "IQ3_XXS"), ("llama", "IQ2_XS"), ("gemma3", "IQ2_S")])
+@pytest.mark.e2e
 def test_llama_perplexity_runs_the_export(quantized, tmp_path, family, gtype):
-    """llama.cpp loads and runs lowbit's K-quant GGUF, and its perplexity matches lowbit's own computed the
-    same way (it rounds activations to 8 bits for K-quant dot products: within 2 %)."""
+    """llama.cpp loads and runs lowbit's K- and I-quant GGUF, and its perplexity matches lowbit's own computed the
+    same way (it rounds activations to 8 bits for K-/I-quant dot products: within 2 %)."""
     src = quantized(family, gtype, "gptq")
     export_gguf(src, tmp_path / "m.gguf")
     text = make_text(3000, seed=5)

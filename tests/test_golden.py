@@ -80,7 +80,8 @@ def _two_threads():
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f if f == "llama" else pytest.param(f, marks=pytest.mark.e2e)  # fast tier: llama
+                                    for f in FAMILIES])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_outputs_are_byte_identical_to_the_recorded_ones(case, family, tiny_models, tiny_text, tmp_path):
     golden = json.loads(GOLDEN.read_text())
@@ -94,7 +95,7 @@ def _write() -> None:
     import tempfile
 
     sys.path.insert(0, str(HERE))
-    from conftest import FAMILIES as ALL, build_tiny_model, make_text  # noqa: F401
+    from helpers import FAMILIES as ALL, build_tiny_model, make_text  # noqa: F401
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:

@@ -14,7 +14,6 @@ from lowbit.solvers import SOLVERS
 from lowbit.solvers.gwq import saliency_scores, select_outliers
 from lowbit.solvers.loss import proxy_loss
 
-from test_solvers import captured  # noqa: F401  (fixture: W, H from a real tiny model)
 
 
 def solve(W, H, grad=None, **kw):

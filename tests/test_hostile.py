@@ -19,7 +19,7 @@ from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.packed.qweight import FORMATS, FormatError, from_tensors
 
-from test_errors import run_cli
+from helpers import run_cli
 
 PROGRESS = ("Loading", "Writing", "Converting")  # transformers' progress bars (the GGUF one ignores --quiet)
 
@@ -411,8 +411,7 @@ def real_packed() -> dict[str, object]:
         "quip-e8p-3bit": dict(method="quip", bits=3),
         "quip-scalar-no-rht": dict(method="quip", bits=3, codebook="scalar", rht=False),
     }
-    if "gguf_type" in {f.name for f in dataclasses.fields(QuantConfig)}:  # GGUF-native blocks (rows of 256)
-        settings_by_label["gguf-q3_k"] = dict(method="rtn", gguf_type="Q3_K")
+    settings_by_label["gguf-q3_k"] = dict(method="rtn", gguf_type="Q3_K")  # GGUF-native blocks (rows of 256)
     out = {}
     for label, kw in settings_by_label.items():
         cfg = QuantConfig(**kw)

@@ -185,6 +185,7 @@ def _cli(*args, env=None):
 
 @pytest.mark.parametrize("fmt,sym", [("gptq", False), ("compressed-tensors", True), ("compressed-tensors", False),
                                      ("gguf", True)])
+@pytest.mark.e2e
 def test_cli_check_prints_each_clients_perplexity(fmt, sym, ckpts, tmp_path, tiny_text):
     pytest.importorskip({"gptq": "gptqmodel", "compressed-tensors": "compressed_tensors", "gguf": "gguf"}[fmt])
     out = tmp_path / ("m.gguf" if fmt == "gguf" else "x")
@@ -208,6 +209,7 @@ def test_cli_check_prints_each_clients_perplexity(fmt, sym, ckpts, tmp_path, tin
         assert "skipped" in rep["check"]["clients"][1] and "llama.cpp: skipped" in r.stdout
 
 
+@pytest.mark.e2e
 def test_cli_check_bad_input(ckpts, tmp_path):
     src = str(ckpts())
     for args, msg in [(["--format", "compressed-tensors", "--checkpoint-format", "gptq"], "gptq only"),

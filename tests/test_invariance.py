@@ -12,7 +12,7 @@ import torch
 import lowbit
 from lowbit.calib.hessian import InputStats
 
-from conftest import artifact_files
+from helpers import artifact_files
 
 CALIB = dict(nsamples=7, seqlen=64, seed=0, progress=False)  # 7 windows: batches of 3 leave a short last one
 CASES = {

@@ -6,28 +6,20 @@ import pytest
 import torch
 
 from lowbit import kernels
-from lowbit.kernels import group_cpu, outliers, reference
+from lowbit.kernels import build, dispatch, group_cpu, outliers, reference
 from lowbit.packed.qlinear import QuantLinear
-from lowbit.packed.qweight import GroupQuantWeight, OutlierQuantWeight
+from lowbit.packed.qweight import OutlierQuantWeight
 
-fast = pytest.mark.skipif(not group_cpu.available(), reason=f"no compiled kernel: {group_cpu.unavailable_reason()}")
+from helpers import random_weight
 
-
-def random_weight(m, n, bits, gs, sym, g_idx=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    G = -(-n // gs)
-    codes = torch.randint(0, 2 ** bits, (m, n), generator=gen)
-    scales = torch.rand(m, G, generator=gen) * 0.05 + 0.005
-    zeros = None if sym else torch.randint(0, 2 ** bits, (m, G), generator=gen).float()
-    gi = torch.randperm(n, generator=gen) // gs if g_idx else None  # act-order without static groups
-    return GroupQuantWeight.from_codes(codes, scales, zeros, bits, gs, g_idx=gi)
+needs_compiler = pytest.mark.skipif(not build.has_compiler(), reason="no C++ compiler")  # a build error fails
 
 
 CASES = [(bits, m, n, gs) for bits in (2, 3, 4, 8)
          for (m, n, gs) in ((48, 576, 64), (37, 100, 32), (20, 130, 128), (9, 77, 10), (16, 70, 70))]
 
 
-@fast
+@needs_compiler
 @pytest.mark.parametrize("bits,m,n,gs", CASES)
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("g_idx", [False, True])
@@ -46,8 +38,8 @@ Q8_CASES = [(bits, m, n, gs) for bits in (2, 4, 8)
             if bits != 2 or n % 64 == 0]
 
 
-@fast
-@pytest.mark.skipif(not group_cpu.available() or not group_cpu._state["module"].has_q8(), reason="no int8 path")
+@needs_compiler
+@pytest.mark.skipif(group_cpu.available() and not group_cpu.EXT.load().has_q8(), reason="no int8 path (no AVX2)")
 @pytest.mark.parametrize("bits,m,n,gs", Q8_CASES)
 @pytest.mark.parametrize("sym", [True, False])
 def test_int8_activation_path_is_exactly_xhat_times_w(bits, m, n, gs, sym):
@@ -79,7 +71,7 @@ def test_int8_blocks_rounding():
     assert torch.equal(xh[1], torch.zeros(32))  # an all-zero block stays zero (no 0/0)
 
 
-@fast
+@needs_compiler
 def test_int8_path_not_used_where_it_does_not_apply():
     assert not group_cpu.int8_supported(random_weight(8, 576, 5, 64, False))         # 5-bit
     assert not group_cpu.int8_supported(random_weight(8, 576, 2, 32, False))         # 2-bit needs 64-blocks
@@ -90,7 +82,7 @@ def test_int8_path_not_used_where_it_does_not_apply():
     assert torch.allclose(group_cpu.matmul(p, x, int8_act=True), reference.matmul(p, x), rtol=1e-5, atol=1e-5)
 
 
-@fast
+@needs_compiler
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_group_cpu_low_precision_inputs_and_batch_dims(dtype):
     p = random_weight(64, 192, 4, 64, False)
@@ -101,7 +93,7 @@ def test_group_cpu_low_precision_inputs_and_batch_dims(dtype):
     assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-@fast
+@needs_compiler
 def test_dispatcher_picks_fast_kernel_and_falls_back():
     p = random_weight(32, 64, 4, 32, True)
     x = torch.randn(1, 64)
@@ -120,7 +112,7 @@ def test_dispatcher_picks_fast_kernel_and_falls_back():
     assert torch.allclose(kernels.matmul(outl, x), x @ outl.dequantize().T, rtol=0.03, atol=0.03)
 
 
-@fast
+@needs_compiler
 @pytest.mark.parametrize("tokens", [1, 3, group_cpu.GEMV_MAX_TOKENS + 3])
 @pytest.mark.parametrize("g_idx", [False, True])
 def test_outlier_kernel_matches_reference(tokens, g_idx):
@@ -140,7 +132,7 @@ def test_outlier_kernel_matches_reference(tokens, g_idx):
     assert kernels.kernel_name(outl, x) == "outliers"
 
 
-@fast
+@needs_compiler
 def test_outlier_kernel_wide_rows_and_bf16():
     """n > 32768 stores int32 columns (int16 otherwise); bf16 inputs come back as bf16 with the same values."""
     gen = torch.Generator().manual_seed(0)
@@ -160,11 +152,16 @@ def test_outlier_kernel_wide_rows_and_bf16():
 
 
 def test_fallback_when_kernel_unavailable(monkeypatch):
+    """No compiler (``CXX`` names none): the kernel is unavailable with that reason, matmul falls back, says so once."""
     p = random_weight(16, 64, 3, 32, False)
-    monkeypatch.setattr(group_cpu, "_state", {"error": "no compiler"})
-    monkeypatch.setattr(kernels, "_warned", set())
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setattr(group_cpu, "EXT", group_cpu.EXT.variant())  # a fresh, not yet built extension
+    monkeypatch.setattr(dispatch, "_warned", set())
+    assert not group_cpu.available() and "no C++ compiler" in group_cpu.unavailable_reason()
+    assert kernels.kernel_name(p, torch.randn(1, 64)) == "reference"
+    monkeypatch.setattr(dispatch, "_warned", set())
     x = torch.randn(1, 64)
-    with pytest.warns(RuntimeWarning, match="reference path.*no compiler"):
+    with pytest.warns(RuntimeWarning, match="reference path.*no C\\+\\+ compiler"):
         y = kernels.matmul(p, x)
     assert torch.allclose(y, reference.matmul(p, x))
     with warnings.catch_warnings():
@@ -172,7 +169,7 @@ def test_fallback_when_kernel_unavailable(monkeypatch):
         kernels.matmul(p, x)
 
 
-@fast
+@needs_compiler
 def test_quantlinear_forward_uses_kernel_with_bias_and_follows_buffer_changes():
     p = random_weight(24, 96, 4, 32, False)
     bias = torch.randn(24)

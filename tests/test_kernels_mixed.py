@@ -10,11 +10,11 @@ import torch
 
 import lowbit
 from lowbit import kernels
-from lowbit.kernels import mixed_cpu, reference
+from lowbit.kernels import build, mixed_cpu, reference
 from lowbit.packed.mixed import MixedBinaryWeight
 from lowbit.packed.qlinear import QuantLinear
 
-fast = pytest.mark.skipif(not mixed_cpu.available(), reason=f"no compiled kernel: {mixed_cpu.unavailable_reason()}")
+needs_compiler = pytest.mark.skipif(not build.has_compiler(), reason="no C++ compiler")  # a build error fails
 
 
 def random_mixed(m, n, gs, bits, frac, residual, seed=0):
@@ -60,7 +60,7 @@ CASES = [  # m, n, gs, bits, high fraction
 ]
 
 
-@fast
+@needs_compiler
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("m,n,gs,bits,frac", CASES)
 def test_mixed_cpu_matches_reference(m, n, gs, bits, frac, residual):
@@ -78,7 +78,7 @@ def test_mixed_cpu_matches_reference(m, n, gs, bits, frac, residual):
     assert not torch.allclose(mixed_cpu.matmul(p, x), torch.zeros(rows, m))
 
 
-@fast
+@needs_compiler
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 3, 8])
 def test_mixed_cpu_low_precision_inputs(dtype, rows):
@@ -97,7 +97,7 @@ def test_mixed_cpu_low_precision_inputs(dtype, rows):
         assert (y.float() - refl).norm() <= 1e-3 * refl.norm()
 
 
-@fast
+@needs_compiler
 def test_mixed_cpu_batch_dims_empty_and_row_independence():
     p = random_mixed(40, 300, 128, 3, 0.2, True, seed=7)
     x = torch.randn(2, 5, 300, generator=torch.Generator().manual_seed(1))
@@ -112,7 +112,7 @@ def test_mixed_cpu_batch_dims_empty_and_row_independence():
     assert mixed_cpu.matmul(p, torch.randn(300)).shape == (40,)
 
 
-@fast
+@needs_compiler
 def test_mixed_cpu_reads_every_weight_exactly():
     """One-hot inputs read single columns of Ŵ back; with small integer parameters all sums are exact."""
     m, n, gs, bits = 24, 70, 9, 3
@@ -133,7 +133,7 @@ def test_mixed_cpu_reads_every_weight_exactly():
         assert torch.equal(mixed_cpu.matmul(p, x, scalar=True)[0], W[:, j])
 
 
-@fast
+@needs_compiler
 def test_dispatcher_picks_mixed_kernel():
     p = random_mixed(32, 256, 128, 4, 0.2, False)
     x = torch.randn(1, 256)
@@ -157,7 +157,7 @@ def test_mixed_cpu_supports():
     assert not mixed_cpu.supports(object(), x)
 
 
-@fast
+@needs_compiler
 def test_quantlinear_forward_uses_mixed_kernel():
     p = random_mixed(24, 200, 64, 4, 0.3, True, seed=3)
     bias = torch.randn(24)
@@ -171,7 +171,7 @@ def test_quantlinear_forward_uses_mixed_kernel():
         assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
-@fast
+@needs_compiler
 def test_squeeze_model_forward_matches_reference_backend(tiny_models, tiny_text, tmp_path):
     res = lowbit.quantize(str(tiny_models["llama"]), method="squeeze", group_size=32, source=str(tiny_text),
                           nsamples=4, seqlen=32, out=tmp_path / "q", progress=False)
@@ -181,7 +181,7 @@ def test_squeeze_model_forward_matches_reference_backend(tiny_models, tiny_text,
     ids = torch.tensor(tok(tiny_text.read_text()[:500], add_special_tokens=False)["input_ids"][:12])[None]
     with torch.no_grad():
         for part in (ids[:, :1], ids[:, :3], ids):  # decode-sized inputs and a prefill
-            assert kernels.kernel_name(mods[0].packed, torch.empty(part.shape[1], 1)) == "mixed_cpu"
+            assert kernels.kernel_name(mods[0].packed, torch.empty(part.shape[1], mods[0].in_features)) == "mixed_cpu"
             y = model(input_ids=part).logits
             with kernels.use_backend("reference"):
                 ref = model(input_ids=part).logits
@@ -189,7 +189,7 @@ def test_squeeze_model_forward_matches_reference_backend(tiny_models, tiny_text,
     assert res.meta["config"]["binary_frac"] == 0.8
 
 
-@fast
+@needs_compiler
 def test_mixed_cpu_thread_count_does_not_change_the_result():
     """Rows are split between threads; each row's sums are formed the same way whatever the split."""
     p = random_mixed(100, 300, 64, 4, 0.3, True, seed=11)

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from lowbit.config import QuantConfig
-from lowbit.kernels import quip_cpu, reference
+from lowbit.kernels import build, quip_cpu, reference
 from lowbit.packed.quipw import QuipWeight, pack_signs, stages_of
 from lowbit.quip import e8p
 from lowbit.quip.hadamard import hadamard_factor
 from lowbit.solvers import SOLVERS
 
-fast = pytest.mark.skipif(not quip_cpu.available(), reason=f"no compiled kernel: {quip_cpu.unavailable_reason()}")
+needs_compiler = pytest.mark.skipif(not build.has_compiler(), reason="no C++ compiler")  # a build error fails
 
 
 def _kind(k):
@@ -58,7 +58,7 @@ def assert_close_fp32(y, ref):
 SHAPES = [(376, 576), (200, 1536)]  # out dims: 376 = 8·47 has no Hadamard (FFT), 200 = 100·2 (Paley II)
 
 
-@fast
+@needs_compiler
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("signs", ["bits", "real", "none"])
 @pytest.mark.parametrize("m,n", SHAPES)
@@ -85,7 +85,7 @@ def test_quip_cpu_matches_reference(bits, signs, m, n):
         assert (yb.float() - refb).norm() <= 1e-2 * refb.norm()
 
 
-@fast
+@needs_compiler
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_quip_cpu_prefill_batch_dims_and_small_shapes(bits):
     p = random_quip(96, 376, bits, "bits", seed=bits)  # 376: FFT input transform, 96 = 12·8 Hadamard output
@@ -103,7 +103,7 @@ def test_quip_cpu_prefill_batch_dims_and_small_shapes(bits):
     assert quip_cpu.matmul(p, torch.empty(0, 376)).shape == (0, 96)
 
 
-@fast
+@needs_compiler
 def test_quip_cpu_decodes_every_code_exactly():
     """All 65 536 E8P codes (one per row) and all 256 residual codes: the fused kernel's per-row dot products
     against one-hot inputs read the codewords back exactly."""
@@ -121,7 +121,7 @@ def test_quip_cpu_decodes_every_code_exactly():
         assert torch.equal(quip_cpu.matmul(p, x, scalar=True)[0], expect[:, j])
 
 
-@fast
+@needs_compiler
 def test_quip_cpu_on_a_solved_weight():
     g = torch.Generator().manual_seed(3)
     X = torch.randn(1000, 192, generator=g)

@@ -14,7 +14,7 @@ from lowbit.data import eval_windows, read_text, tokenize
 from lowbit.eval.kld import kl_divergence, summarize, token_stats
 from lowbit.models.sources import load_model
 
-from conftest import build_tiny_model, make_text, private_lowbit_cache
+from helpers import build_tiny_model, make_text, private_lowbit_cache
 
 
 def _softmax(row):

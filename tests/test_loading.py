@@ -78,6 +78,7 @@ def ckpt(tiny_models, tmp_path_factory):
 
 # ---- 1. every load path checks that every tensor came from the files -----------------------------------------
 
+@pytest.mark.e2e
 def test_missing_tensor_in_a_float_folder_is_refused_in_every_path(tiny_models, tmp_path):
     name = "model.layers.1.mlp.down_proj.weight"
     src = copy_model(tiny_models["llama"], tmp_path / "m", drop=name)
@@ -122,6 +123,7 @@ def test_check_loaded_names_the_first_missing_tensor_in_model_order(tiny_models)
         check_loaded(model, {"mismatched_keys": {("model.norm.weight", torch.Size([3]), torch.Size([64]))}}, "f")
 
 
+@pytest.mark.e2e
 def test_gguf_with_a_missing_tensor_is_refused_and_not_cached(ckpt, tmp_path):
     gguf_file = tmp_path / "m.gguf"
     assert lowbit_cli("export", ckpt, "--format", "gguf", "--out", gguf_file, "--quiet").returncode == 0
@@ -136,6 +138,7 @@ def test_gguf_with_a_missing_tensor_is_refused_and_not_cached(ckpt, tmp_path):
     assert not (tmp_path / "q").exists() and not list(cache.rglob("config.json"))
 
 
+@pytest.mark.e2e
 def test_lowbit_folder_without_lowbit_json_is_a_broken_checkpoint(ckpt, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
@@ -179,6 +182,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+@pytest.mark.e2e
 def test_pickle_weights_are_never_loaded(tiny_models, tmp_path):
     folder = tmp_path / "pk"
     folder.mkdir()
@@ -192,6 +196,7 @@ def test_pickle_weights_are_never_loaded(tiny_models, tmp_path):
     assert not marker.exists() and not (tmp_path / "q").exists()
 
 
+@pytest.mark.e2e
 def test_missing_tokenizer_names_what_is_missing(tiny_models, tmp_path):
     folder = tmp_path / "notok"
     folder.mkdir()
@@ -219,6 +224,7 @@ class XForCausalLM(LlamaForCausalLM):
 """
 
 
+@pytest.mark.e2e
 def test_trust_remote_code_loads_the_folders_own_code(tiny_models, tmp_path):
     src = copy_model(tiny_models["llama"], tmp_path / "custom")
     (src / "configuration_x.py").write_text(CUSTOM_CONFIG)
@@ -264,6 +270,7 @@ def test_check_device():
         api.load_any("whatever", device="tpu")
 
 
+@pytest.mark.e2e
 def test_bad_devices_and_int_flags_through_the_cli(tiny_models, ckpt, tmp_path):
     fp = tiny_models["llama"]
     cases = [(["quantize", fp, "--method", "rtn", "--device", "tpu", "--out", tmp_path / "q"], ("--device", "tpu")),
@@ -299,6 +306,7 @@ def _edit_meta(ckpt: Path, dst: Path, edit) -> Path:
     return dst
 
 
+@pytest.mark.e2e
 def test_hostile_lowbit_json(ckpt, tmp_path):
     def layer_not_object(m):
         m["layers"][next(iter(m["layers"]))] = ["not", "an", "object"]
@@ -320,6 +328,7 @@ def test_hostile_lowbit_json(ckpt, tmp_path):
         error_line(r, *needles)
 
 
+@pytest.mark.e2e
 def test_info_checks_the_weights_file(ckpt, tmp_path):
     d = tmp_path / "t"
     shutil.copytree(ckpt, d)
@@ -332,6 +341,7 @@ def test_info_checks_the_weights_file(ckpt, tmp_path):
 
 # ---- 6. calibration flags --------------------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_calib_is_refused_with_rtn_and_nsamples_beyond_the_text(tiny_models, tiny_text, tmp_path):
     from lowbit.data import check_window_count
 

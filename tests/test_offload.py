@@ -15,7 +15,9 @@ from lowbit.models.arch import resolve_spec
 from lowbit.models.sources import load_model
 from lowbit.packed.qlinear import QuantLinear
 
-from conftest import artifact_files
+from helpers import artifact_files
+
+pytestmark = pytest.mark.e2e  # offload: blocks streamed from disk through whole runs
 
 CALIB = dict(nsamples=8, seqlen=64, seed=0, progress=False)
 METHODS = {

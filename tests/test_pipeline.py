@@ -11,7 +11,7 @@ import lowbit
 from lowbit.models.arch import resolve_spec
 from lowbit.packed.qlinear import QuantLinear
 
-from conftest import FAMILIES, artifact_files
+from helpers import FAMILIES, artifact_files
 
 CALIB = dict(nsamples=8, seqlen=64, seed=0)
 
@@ -95,6 +95,7 @@ def _cli(*args, module=False):
     return subprocess.run(exe + list(args), capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.e2e
 def test_cli_quantize_eval_info(tiny_models, tiny_text, tmp_path):
     out, qj, ej = tmp_path / "m", tmp_path / "q.json", tmp_path / "e.json"
     r = _cli("quantize", str(tiny_models["mistral"]), "--method", "gptq", "--bits", "4", "--group-size", "32",
@@ -118,6 +119,7 @@ def test_cli_quantize_eval_info(tiny_models, tiny_text, tmp_path):
     assert meta["calibration"]["fingerprint"] and meta["source"]["kind"] == "folder"
 
 
+@pytest.mark.e2e
 def test_console_script_installed():
     import shutil
 
@@ -127,6 +129,7 @@ def test_console_script_installed():
     assert r.returncode == 0 and lowbit.__version__ in r.stdout
 
 
+@pytest.mark.e2e
 def test_fp_model_eval_reports_16_bits(tiny_models, tiny_text, tmp_path):
     ej = tmp_path / "e.json"
     r = _cli("eval", str(tiny_models["opt"]), "--text", str(tiny_text), "--seqlen", "64", "--max-tokens", "256",

@@ -17,7 +17,7 @@ from lowbit.config import CalibConfig, Method, QuantConfig
 from lowbit.qat.config import QATConfig
 from lowbit.report.reproduce import quantize_command, saved_settings, settings_of
 
-from conftest import build_tiny_model, make_text, private_lowbit_cache
+from helpers import build_tiny_model, make_text, private_lowbit_cache
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EVAL = ["--seqlen", "64", "--max-tokens", "512", "--tasks", "cloze", "--cloze-passages", "8", "--cloze-context", "32",
@@ -110,22 +110,27 @@ def scenario(tmp_path_factory):
         EVAL, ["--prompt-tokens", "16", "--new-tokens", "8", "--repeats", "2", "--threads", "1"])
 
 
+@pytest.mark.e2e
 def test_quantize_records_time_memory_machine(scenario):
     check_run_records(scenario)
 
 
+@pytest.mark.e2e
 def test_bench_is_recorded_in_the_folder(scenario):
     check_bench(scenario)
 
 
+@pytest.mark.e2e
 def test_report_fills_every_measured_cell(scenario):
     check_cells(scenario)
 
 
+@pytest.mark.e2e
 def test_every_plot_exists_and_is_referenced(scenario):
     check_plots(scenario)
 
 
+@pytest.mark.e2e
 def test_reproduce_commands_rebuild_the_saved_settings(scenario):
     check_reproduce(scenario)
     repro = scenario["md"].split("## How to reproduce", 1)[1]
@@ -298,9 +303,13 @@ def test_rebuild_command_for_every_method(case):
 
 
 def test_a_setting_without_a_flag_is_named():
+    """Every setting has a flag now (``--rht-seed`` had none); one no flag rebuilds (a newer lowbit's) is named."""
     meta = _meta(QuantConfig(method="quip", bits=2, rht_seed=7), CalibConfig())
     cmd, missing = quantize_command(meta, "o")
-    assert missing == ["rht_seed=7"] and "--method quip" in cmd
+    assert missing == [] and "--method quip" in cmd and "--rht-seed 7" in cmd
+    meta["config"]["future_knob"] = 3
+    cmd, missing = quantize_command(meta, "o")
+    assert missing == ["future_knob=3"] and "--rht-seed 7" in cmd
 
 
 class _Tok:

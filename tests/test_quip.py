@@ -17,7 +17,6 @@ from lowbit.solvers import SOLVERS
 from lowbit.solvers.loss import proxy_loss
 from lowbit.solvers.quip import rht_kind, solve_with
 
-from test_solvers import captured  # noqa: F401  (fixture: W, H from a real tiny model)
 
 
 def cfg(**kw):
@@ -160,7 +159,7 @@ def test_pipeline_save_load(tiny_models, tiny_text, tmp_path, extra):
 
 
 def test_finetune_lowers_the_block_error(tiny_models, tiny_text):
-    from lowbit.quip.finetune import BlockFinetuner
+    from lowbit.calib.finetune import BlockFinetuner
 
     seen = []
     orig = BlockFinetuner.__call__

@@ -11,7 +11,7 @@ import lowbit
 from lowbit.cli import main
 from lowbit.report.collect import collect_lowbit, delta_pct, merge_evals, pareto_front
 
-from conftest import build_tiny_model, make_text, private_lowbit_cache
+from helpers import build_tiny_model, make_text, private_lowbit_cache
 
 PNG = b"\x89PNG\r\n\x1a\n"
 EVAL = ["--seqlen", "64", "--max-tokens", "256", "--tasks", "cloze", "--cloze-passages", "10",
@@ -51,6 +51,7 @@ def setup(tmp_path_factory, private_cache):
     return {"root": root, "text": text, "fp": fp, "dirs": dirs, "fp_json": root / "fp.json"}
 
 
+@pytest.mark.e2e
 def test_report_from_two_folders(setup, tmp_path):
     out = tmp_path / "rep"
     r = _cli("report", *setup["dirs"], "--fp", setup["fp"], "--fp-json", setup["fp_json"],
@@ -70,6 +71,7 @@ def test_report_from_two_folders(setup, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rep")]     # no temporary leftovers
 
 
+@pytest.mark.e2e
 def test_bench_json_adds_speed(setup, tmp_path):
     d = setup["dirs"][1]
     bench = tmp_path / "b.json"
@@ -90,6 +92,7 @@ def test_bench_json_adds_speed(setup, tmp_path):
     assert "rtn-w4" not in (out / "report.md").read_text() and not (out / "speed.png").exists()
 
 
+@pytest.mark.e2e
 def test_missing_data_shows_dashes(setup, tmp_path):
     bare = tmp_path / "bare"
     lowbit.quantize(str(setup["fp"]), method="rtn", bits=3, group_size=32, out=bare, progress=False)
@@ -101,6 +104,7 @@ def test_missing_data_shows_dashes(setup, tmp_path):
     assert (out / "memory.png").exists() and not (out / "quality_ppl.png").exists()
 
 
+@pytest.mark.e2e
 def test_not_a_lowbit_folder_is_one_line(setup, tmp_path, capsys):
     assert main(["report", str(setup["fp"]), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
@@ -128,6 +132,7 @@ def test_evals_history_is_merged_per_text():
     assert protocol == {"text": "default", "seqlen": 512, "max_tokens": 20480, "bos": None}
 
 
+@pytest.mark.e2e
 def test_collect_reads_meta_and_sizes(setup):
     e = collect_lowbit(setup["dirs"][0], text=str(setup["text"]))
     assert e.method == "rtn" and e.config["bits"] == 2 and 2 < e.bits_per_weight < 3

@@ -13,7 +13,9 @@ from lowbit.calib import resume as resume_mod
 from lowbit.cli import main
 from lowbit.errors import LowbitError
 
-from conftest import artifact_files
+from helpers import artifact_files
+
+pytestmark = pytest.mark.e2e  # kill and resume: whole runs, one through a real SIGKILL
 
 CALIB = dict(nsamples=8, seqlen=64, seed=0, progress=False)
 METHODS = {  # method settings; batch_size=3 takes the runner's multi-micro-batch path

@@ -2,7 +2,6 @@
 GPTQ's proxy loss below RTN's on activations captured from a real (tiny) model."""
 import pytest
 import torch
-from conftest import down_proj_stats
 
 from lowbit.config import QuantConfig
 from lowbit.solvers import SOLVERS
@@ -14,12 +13,6 @@ from lowbit.solvers.loss import proxy_loss
 def solve(method, W, H, **kw):
     cfg = QuantConfig(method=method, **kw)
     return SOLVERS[cfg.method](W, H, cfg)
-
-
-@pytest.fixture(scope="module")
-def captured(tiny_models, tiny_text):
-    """(W, H) of a tiny llama's up_proj, H from the inputs it really sees on text."""
-    return down_proj_stats(tiny_models["llama"], tiny_text.read_text())
 
 
 def test_asym_grid_golden():

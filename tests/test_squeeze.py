@@ -17,7 +17,6 @@ from lowbit.solvers import SOLVERS
 from lowbit.solvers.loss import proxy_loss
 from lowbit.solvers.squeeze import binarize, binarize_residual, binary_fit, cell_scores, choose_high, residual_fit
 
-from test_solvers import captured  # noqa: F401  (fixture: W, H from a real tiny model)
 
 
 def squeeze(W, H, **kw):

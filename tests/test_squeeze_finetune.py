@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import lowbit
+from lowbit.calib.finetune import BlockFinetuner
+from lowbit.calib.views import TrainableMixed
 from lowbit.config import QuantConfig
 from lowbit.errors import LowbitError
 from lowbit.packed.mixed import MixedBinaryWeight
 from lowbit.packed.qlinear import QuantLinear
 from lowbit.solvers import SOLVERS
-from lowbit.solvers.squeeze_scales import BlockFinetuner, TrainableMixed
 
-from test_solvers import captured  # noqa: F401  (fixture: W, H from a real tiny model)
 
 
 @pytest.mark.parametrize("residual", [False, True])

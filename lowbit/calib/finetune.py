@@ -1,8 +1,9 @@
-"""Per-block fine-tuning against the float block (QuIP#'s ``--finetune``, Squeeze10's scale fit).
+"""Per-block fine-tuning against the float block (QuIP#'s ``--finetune``, Squeeze10's scale fit): the one loop.
 
-After the runner has quantized every linear of a block, the quantized linears of the kinds a *trainable*
-wrapper knows (``Trainable.applies(packed)``) are swapped for wrappers whose codes stay frozen and whose few
-real parameters (signs, scales, offsets) are trained with Adam to reproduce the float block:
+After the runner has quantized every linear of a block, the quantized linears a *trainable view* applies to
+(:mod:`lowbit.calib.views`, one per packed format, ``view.applies(packed)``) are swapped for views whose codes
+stay frozen and whose few real parameters (signs, scales, offsets) are trained with Adam to reproduce the float
+block:
 
     loss = MSE(block_q(h), block_fp(h̃))
 
@@ -10,10 +11,7 @@ real parameters (signs, scales, offsets) are trained with Adam to reproduce the 
 with FIAS (the runner's ``fp_targets``), the FP stream's inputs of the same windows, so the block learns to
 undo upstream errors too.  ``steps`` Adam steps of ``FT_WINDOWS`` windows each, in float32.  The loss on a
 fixed held-out slice of windows is measured before and after; if training did not lower it the block keeps
-its untrained weights.
-
-A trainable wrapper is an ``nn.Module`` ``(packed, bias)`` with ``forward(x)``, ``param_groups(lr) -> list``
-(Adam groups) and ``export() -> packed`` (the trained weight in its stored format, on the CPU).
+its untrained weights.  :func:`block_finetuner` builds the runner's callback for one packed kind.
 """
 from __future__ import annotations
 
@@ -23,7 +21,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.modules import replace_module, run_block
+from ..packed.mixed import MixedBinaryWeight
 from ..packed.qlinear import QuantLinear
+from .views import VIEWS
 
 FT_WINDOWS = 2  # calibration windows per Adam step
 
@@ -49,15 +50,10 @@ def _take(obj, idx: torch.Tensor, batch: int):
     return obj
 
 
-def _run(block: nn.Module, h: torch.Tensor, call: tuple) -> torch.Tensor:
-    out = block(h, *call[0], **call[1])
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 class BlockFinetuner:
     """The runner's ``finetune_block(work, fp_block, inputs, calls, index, fp_inputs=None)`` callback.
 
-    ``trainable``: the wrapper class (see the module docstring).  Replaces the matching :class:`QuantLinear`
+    ``trainable``: the view class (:mod:`lowbit.calib.views`).  Replaces the matching :class:`QuantLinear`
     modules of ``work`` by trained ones; ``history`` keeps ``(held-out MSE before, after)`` per block.  The window
     order is seeded by the block ``index`` (default: the number of blocks seen so far), so a run resumed at
     block k trains block k exactly like an uninterrupted one."""
@@ -78,8 +74,7 @@ class BlockFinetuner:
         mods = {}
         for name, q in found.items():
             mods[name] = self.trainable(q.packed, q.bias).to(device)
-            parent, _, leaf = name.rpartition(".")
-            setattr(train.get_submodule(parent) if parent else train, leaf, mods[name])
+            replace_module(train, name, mods[name])
         for p in list(train.parameters()) + list(fp.parameters()):
             p.requires_grad_(False)
         groups = [g for m in mods.values() for g in m.param_groups(self.lr)]
@@ -95,9 +90,9 @@ class BlockFinetuner:
                 idx = torch.tensor([r for bb, r in picks if bb == b], device=device)
                 call = _to32(_take(calls[b], idx, inputs[b].shape[0]), device)
                 with torch.no_grad():
-                    target = _run(fp, targets_in[b][idx].float(), call)
+                    target = run_block(fp, targets_in[b][idx].float(), call)
                 with torch.set_grad_enabled(grad):
-                    total = total + (_run(train, inputs[b][idx].float(), call) - target).pow(2).mean() * len(idx) / len(picks)
+                    total = total + (run_block(train, inputs[b][idx].float(), call) - target).pow(2).mean() * len(idx) / len(picks)
             return total
 
         before = float(batch_loss(held, False))
@@ -120,5 +115,13 @@ class BlockFinetuner:
             return
         for name, mod in mods.items():
             new = QuantLinear(mod.export(), found[name].bias).to(device)
-            parent, _, leaf = name.rpartition(".")
-            setattr(work.get_submodule(parent) if parent else work, leaf, new)
+            replace_module(work, name, new)
+
+
+def block_finetuner(kind: str, steps: int, lr: float, progress: bool = True) -> BlockFinetuner:
+    """The runner's ``finetune_block`` callback that trains the linears stored in packed format ``kind`` (a key of
+    :data:`lowbit.calib.views.VIEWS`: ``"quip"``, ``"bin+int"``; ``"mixed"``, its module's name, means ``"bin+int"``)."""
+    kind = MixedBinaryWeight.kind if kind == "mixed" else kind
+    if kind not in VIEWS:
+        raise ValueError(f"no trainable view for packed kind {kind!r} (have: {', '.join(VIEWS)})")
+    return BlockFinetuner(VIEWS[kind], steps, lr, progress)

@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models.arch import ArchSpec, blocks_of, linears_of
+from ..models.modules import replace_module, run_block
 from ..packed.qlinear import QuantLinear
 from ..packed.qweight import from_tensors
 from .distributed import broadcast_from_owner, rounds
@@ -150,12 +151,6 @@ def per_window_linears(module: nn.Module, rows: int):
             lin.__dict__.pop("forward", None)
 
 
-def _run(block: nn.Module, h: torch.Tensor, call: tuple) -> torch.Tensor:
-    args, kwargs = call
-    out = block(h, *args, **kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.no_grad()
 def discover_groups(block: nn.Module, h: torch.Tensor, call: tuple) -> tuple[tuple[str, ...], ...]:
     """Group a block's linears by shared input, in call order, from one forward pass."""
@@ -169,16 +164,30 @@ def discover_groups(block: nn.Module, h: torch.Tensor, call: tuple) -> tuple[tup
             order.setdefault((x.data_ptr(), tuple(x.shape)), []).append(name)
         handles.append(lin.register_forward_pre_hook(hook))
     try:
-        _run(block, h[:1], (call[0], call[1]))
+        run_block(block, h[:1], (call[0], call[1]))
     finally:
         for hd in handles:
             hd.remove()
     return tuple(tuple(names) for names in order.values())
 
 
-def _set_module(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent, _, leaf = dotted.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+@torch.no_grad()
+def quantize_data_free(model: nn.Module, spec: ArchSpec, solve: Solve, offload=None) -> dict[str, tuple[object, dict]]:
+    """The block walk without data (RTN): every linear of every block is solved from its float32 weight with
+    ``H = None`` and becomes a :class:`QuantLinear`, in place.  Returns ``{layer name: (packed, info)}``.
+    With ``offload`` each block is read from disk just before and released just after."""
+    results: dict[str, tuple[object, dict]] = {}
+    for i, block in enumerate(blocks_of(model, spec)):
+        if offload is not None:
+            offload.materialize(i)
+        for name, lin in linears_of(block).items():
+            full = f"{spec.blocks}.{i}.{name}"
+            results[full] = solve(lin.weight.detach().float(), None, full)
+            replace_module(block, name, QuantLinear(results[full][0], lin.bias))
+        if offload is not None:
+            lin = None  # the float linear may go
+            offload.release(i)
+    return results
 
 
 def _solve_in_one_pass(work: nn.Module, lin: dict, groups, h: torch.Tensor, call: tuple, solve_group,
@@ -197,7 +206,7 @@ def _solve_in_one_pass(work: nn.Module, lin: dict, groups, h: torch.Tensor, call
         handles.append(lin[g[0]].register_forward_pre_hook(hook))
     solved: set = set()
     try:
-        return _run(work, h, call)
+        return run_block(work, h, call)
     finally:
         for hd in handles:
             hd.remove()
@@ -209,7 +218,7 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                     fp_targets: bool = False, progress: bool = True,
                     finetune_block: Callable | None = None,
                     checkpoints: BlockCheckpoints | None = None,
-                    offload=None) -> dict[str, tuple[object, dict]]:
+                    offload=None, prepare_block: Callable | None = None) -> dict[str, tuple[object, dict]]:
     """Quantize every linear of every block of ``model`` in place (they become :class:`QuantLinear`);
     ``windows`` (N, T) are the calibration token ids.  Returns ``{layer name: (packed, info)}``.
 
@@ -220,6 +229,11 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
     on how many blocks this process ran), ``fp_inputs`` the FP stream's micro-batches (FIAS) or ``None``.  It may
     replace ``work``'s QuantLinear modules; their packed weights are the result, and the next block's inputs are
     recomputed through ``work``.
+
+    ``prepare_block(block, inputs, calls, index) -> None`` (optional, e.g. AWQ's scales): runs on the model's
+    float ``block`` in place before anything is read from it (the working copy, the original weights the
+    solver gets, the FP reference of FIAS and fine-tuning), with the block's calibration ``inputs``
+    (micro-batches ``(B, T, d)`` on the device) and ``calls`` (their ``(args, kwargs)``).
 
     ``checkpoints`` (optional, :mod:`lowbit.calib.resume`): every finished block is committed there with the next
     block's inputs; blocks it restores get their QuantLinear modules and results back and are skipped.
@@ -248,13 +262,15 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                 if j not in offload.loaded:
                     offload.materialize(j)
             lin = model.get_submodule(name)
-            _set_module(model, name, QuantLinear(packed, lin.bias))
+            replace_module(model, name, QuantLinear(packed, lin.bias))
     bar = tqdm(range(start, len(blocks)), desc="quantize", unit="block", disable=not progress,
                initial=start, total=len(blocks))
     for i in bar:
         if offload is not None:
             offload.materialize(i)
         block = blocks[i]
+        if prepare_block is not None:
+            prepare_block(block, inputs, block_calls[i], i)
         work = copy.deepcopy(block).to(device=device, dtype=dtype)
         work_lin, orig_lin = linears_of(work), linears_of(block)
         groups = spec.groups or discover_groups(work, inputs[0], block_calls[i][0])
@@ -286,7 +302,7 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                     for h, hf, call in zip(inputs, fp_inputs, block_calls[i]):
                         st.add(input_of(work, work_lin[g[0]], h, call), input_of(ref, ref_lin[g[0]], hf, call))
                     solve_group(g, *st.finish())
-                fp_inputs = [_run(ref, hf, call) for hf, call in zip(fp_inputs, block_calls[i])]
+                fp_inputs = [run_block(ref, hf, call) for hf, call in zip(fp_inputs, block_calls[i])]
                 del ref, ref_lin
             elif one_pass:
                 inputs = [_solve_in_one_pass(work, work_lin, groups, inputs[0], block_calls[i][0], solve_group,
@@ -298,7 +314,7 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                     with capture_inputs(work_lin[g[0]], st, stop=True):
                         for h, call in zip(inputs, block_calls[i]):
                             try:
-                                _run(work, h, call)
+                                run_block(work, h, call)
                             except StopForward:
                                 pass
                     st.pad()  # before any other collective, so every rank's sequence of collectives is the same
@@ -309,11 +325,11 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                 for g, st in pending:
                     solve_group(g, st.hessian(free=True))
             if not one_pass:
-                inputs = [_run(work, h, call) for h, call in zip(inputs, block_calls[i])]
+                inputs = [run_block(work, h, call) for h, call in zip(inputs, block_calls[i])]
         if finetune_block is not None:
             names = [n for n in work_lin if f"{spec.blocks}.{i}.{n}" in results]
             for name in names:
-                _set_module(work, name, QuantLinear(results[f"{spec.blocks}.{i}.{name}"][0], orig_lin[name].bias).to(device))
+                replace_module(work, name, QuantLinear(results[f"{spec.blocks}.{i}.{name}"][0], orig_lin[name].bias).to(device))
             fp_block = copy.deepcopy(block).to(device=device, dtype=dtype)
             finetune_block(work, fp_block, block_inputs, block_calls[i], i, block_fp_inputs if fp_targets else None)
             del fp_block
@@ -321,11 +337,11 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
                 p = work.get_submodule(name).packed
                 full = f"{spec.blocks}.{i}.{name}"
                 results[full] = (from_tensors({k: t.cpu() for k, t in p.tensors().items()}, p.meta()), results[full][1])
-            inputs = [_run(work, h, call) for h, call in zip(block_inputs, block_calls[i])]
+            inputs = [run_block(work, h, call) for h, call in zip(block_inputs, block_calls[i])]
         for name in work_lin:
             if f"{spec.blocks}.{i}.{name}" in results:
                 lin = orig_lin[name]
-                _set_module(block, name, QuantLinear(results[f"{spec.blocks}.{i}.{name}"][0], lin.bias))
+                replace_module(block, name, QuantLinear(results[f"{spec.blocks}.{i}.{name}"][0], lin.bias))
         del work, work_lin, orig_lin, block
         if offload is not None:
             offload.release(i)

@@ -211,8 +211,7 @@ def bench(model_dir: str, *, prompt_tokens: int = 128, new_tokens: int = 64, rep
     dtype, prefill_dtype = fastest(q_by, "decode_tokens_per_s"), fastest(q_by, "prefill_tokens_per_s")
     q = {**q_by[dtype], "prefill_tokens_per_s": q_by[prefill_dtype]["prefill_tokens_per_s"]}
     qbytes, fp16_bytes = quantized_weight_bytes(qmodel)
-    kernel = sorted({kernels.kernel_name(m._packed if "_packed" in m.__dict__ else m.packed,
-                                         torch.empty(1, m.in_features, dtype=DTYPES[dtype]))
+    kernel = sorted({kernels.kernel_name(m.packed, torch.empty(1, m.in_features, dtype=DTYPES[dtype]))
                      for m in qmodel.modules() if isinstance(m, QuantLinear)})
     result = {"decode_tokens_per_s": q["decode_tokens_per_s"], "prefill_tokens_per_s": q["prefill_tokens_per_s"],
               "decode_tokens_per_cpu_s": q["decode_tokens_per_cpu_s"],

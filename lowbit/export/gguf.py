@@ -198,7 +198,8 @@ def export_gguf(model_dir: str | os.PathLike, out: str | os.PathLike, requantize
     file_type = {"Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1",
                  "Q8_0": "MOSTLY_Q8_0", "F16": "MOSTLY_F16", "F32": "ALL_F32", "IQ4_NL": "MOSTLY_IQ4_NL",
                  "Q2_K": "MOSTLY_Q2_K", "Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S", "Q5_K": "MOSTLY_Q5_K_S",
-                 "Q6_K": "MOSTLY_Q6_K"}[main_type]  # a single K type is llama.cpp's _S recipe's name
+                 "Q6_K": "MOSTLY_Q6_K"}.get(main_type, f"MOSTLY_{main_type}")  # one K type: llama.cpp's _S name
+    # (the I-quants are their own file types' names: MOSTLY_IQ2_XS, MOSTLY_IQ4_XS, ...)
     with atomic_path(out, folder=False) as tmp:
         w = gguf.GGUFWriter(str(tmp), arch)
         add_model_metadata(w, ck, arch, Path(out).stem)

@@ -30,6 +30,7 @@ class Codec:
     sub: int            # weights per sub-block with its own (integer) scale; = block for one-scale blocks
     type_size: int      # bytes per block
     offset: int = 0     # level = code − offset (uniform types)
+    unit: int = 1       # columns the solvers quantize at once (the vector grids of :mod:`.iquants`: 8)
     n_codes: int = 16
 
     # -- fields -----------------------------------------------------------------------------------

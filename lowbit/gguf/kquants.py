@@ -173,7 +173,8 @@ class SymK(KQuant):
         return fit_scale(w, imp, self, ntry=9 if self.bits == 3 else 4, step=0.1 if self.bits == 3 else 0.5)
 
     def fit_block(self, f, bi, w, imp):
-        a = torch.stack([self._fit(w[:, j:j + 16], None if imp is None else imp[j:j + 16]) for j in range(0, QK, 16)], 1)
+        k = self.sub
+        a = torch.stack([self._fit(w[:, j:j + k], None if imp is None else imp[j:j + k]) for j in range(0, QK, k)], 1)
         amax = a.gather(1, a.abs().argmax(1, keepdim=True)).squeeze(1)
         f["d"][:, bi] = f16(amax / self.smin)
 

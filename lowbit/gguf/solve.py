@@ -1,6 +1,7 @@
 """RTN, GPTQ and FOEM on a GGUF type's own grid: ``solve(W (m, n), H (n, n) | None, cfg) -> (GGUFWeight, info)``.
 
-Pure, like the other solvers.  The type is ``cfg.gguf_type``; a row length it cannot hold falls back
+Pure, like the other solvers.  The type is ``cfg.gguf_type``, or for a llama.cpp preset (``Q4_K_M``…) the
+type :func:`lowbit.gguf.presets.preset_type` gives the layer ``name``; a row length it cannot hold falls back
 as llama.cpp does (:func:`lowbit.gguf.types.resolve`), reported in ``info["gguf_fallback"]``.
 
 * RTN (``H`` None or ``cfg.method`` rtn): every block's parameters and codes from the original
@@ -10,6 +11,7 @@ as llama.cpp does (:func:`lowbit.gguf.types.resolve`), reported in ``info["gguf_
   block's parameters (K-quants: super-block ``d``/``dmin``) are fixed when its first column is
   reached and each sub-block's integer scale/min when its first column is reached, both from the
   current, error-updated weights (lazy blocks are whole super-blocks so those columns are current).
+  Vector grids (IQ2_*, IQ3_*: ``codec.unit`` = 8) go unit by unit (BlockLDLQ, :func:`_vector_feedback`).
   With act-order (GGUF has no ``g_idx``: static groups only) all parameters are fitted up front on
   the original weights and the columns are quantized by decreasing ``diag(H)``.  Every parameter fit
   weights column ``j``'s squared error by ``H_jj``, as llama.cpp's importance matrix does.
@@ -19,15 +21,27 @@ from __future__ import annotations
 import torch
 
 from ..config import Method, QuantConfig
+from ..errors import LowbitError
 from ..packed.ggufw import GGUFWeight
 from ..solvers.feedback import column_feedback, inverse_cholesky
 from ..solvers.loss import fixed_inputs, proxy_loss
+from .presets import canonical, is_preset, preset_type
 from .types import resolve
 
 
-def solve(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig) -> tuple[GGUFWeight, dict]:
+def solve(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, name: str | None = None,
+          n_layers: int | None = None) -> tuple[GGUFWeight, dict]:
+    """``name``: the layer's full name (``model.layers.3.mlp.down_proj``) and ``n_layers`` the model's number of
+    blocks, which a preset ``cfg.gguf_type`` (``Q4_K_M``…) needs to pick this tensor's type (its layer rules)."""
     m, n = W.shape
-    gtype, why = resolve(cfg.gguf_type, n)
+    wanted = cfg.gguf_type
+    if is_preset(canonical(wanted)):
+        if name is None or n_layers is None:
+            raise LowbitError(f"--gguf-type {wanted}: a preset needs each layer's name and the model's number of "
+                              "layers (lowbit.gguf.solve.solve(..., name=, n_layers=))")
+        imatrix = H is not None and cfg.method != Method.RTN  # GPTQ/FOEM weight by diag(H), like an imatrix
+        wanted = preset_type(wanted, name, None, n_layers, (m, n), imatrix=imatrix)
+    gtype, why = resolve(wanted, n)
     codec = gtype.codec
     info: dict = {"gguf_fallback": why} if why else {}
     if H is None or cfg.method == Method.RTN:
@@ -37,6 +51,10 @@ def solve(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig) -> tuple[GG
         return packed, {"loss": loss, **info}
     W, H = fixed_inputs(W, H)
     imp = torch.diag(H).float()
+    if codec.unit > 1:
+        f, lam = _vector_feedback(W, H, imp, codec, cfg)
+        packed = GGUFWeight.from_fields(gtype.name, f)
+        return packed, {"loss": proxy_loss(W, packed.dequantize().to(W.device), H), "damp": lam, **info}
     f = codec.fields(m, n, W.device)
     upfront = cfg.act_order
     perm = torch.argsort(imp, descending=True, stable=True) if upfront else None
@@ -64,3 +82,37 @@ def solve(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig) -> tuple[GG
     del U
     packed = GGUFWeight.from_fields(gtype.name, f)
     return packed, {"loss": proxy_loss(W, packed.dequantize().to(W.device), H), "damp": lam, **info}
+
+
+def _vector_feedback(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, codec, cfg: QuantConfig):
+    """GPTQ/FOEM on a vector grid (:class:`~.iquants.VectorIQ`): BlockLDLQ, the engine with ``unit = 8``
+    consecutive columns quantized at once (nearest grid point and signs, weighted by ``diag(H)``) and their
+    error fed back through ``U_kk⁻¹``.  Act-order moves whole units (by decreasing ``Σ diag(H)`` over the 8),
+    with every scale fitted up front on the original weights (static groups); otherwise ``d`` and ``l`` are
+    fixed from the current weights when the super-block's / sub-block's first column is reached."""
+    m, n = W.shape
+    u8 = codec.unit
+    f = codec.fields(m, n, W.device)
+    perm = None
+    if cfg.act_order:
+        order = torch.argsort(imp.view(-1, u8).sum(1), descending=True, stable=True)
+        perm = (order[:, None] * u8 + torch.arange(u8, device=W.device)).reshape(-1)
+        codec.fit_all(f, W, imp)
+    unit_of = (perm[::u8] // u8 if perm is not None else torch.arange(n // u8, device=W.device)).tolist()
+    U, lam = inverse_cholesky(H, cfg.damp, perm=perm)
+    block, sub = codec.block, codec.sub
+
+    def quantize(p: int, Wlive: torch.Tensor) -> torch.Tensor:
+        if perm is None:
+            if p % block == 0:
+                codec.fit_block(f, p // block, Wlive[:, p:p + block], imp[p:p + block])
+            if p % sub == 0:
+                codec.fit_sub(f, p // sub, Wlive[:, p:p + sub], imp[p:p + sub])
+        u = unit_of[p // u8]
+        return codec.round_unit(f, u, Wlive[:, p:p + u8], imp[u * u8:(u + 1) * u8])
+
+    lazy = max(u8, cfg.block_size // u8 * u8) if perm is not None else block * max(1, cfg.block_size // block)
+    beta = cfg.beta if cfg.method == Method.FOEM else 0.0
+    column_feedback(W, U, quantize, unit=u8, block_size=lazy, beta=beta, W_orig=W, pullback=cfg.pullback,
+                    perm=perm, with_loss=False)
+    return f, lam

@@ -4,7 +4,9 @@ Each row (:class:`GGUFType`) has its block length, bytes per block, bits per wei
 llama.cpp falls back to for rows the block does not divide, and its codec (:class:`~.codec.Codec`):
 the decode formula, how the block parameters are chosen, the per-column rounding the column-feedback
 solvers call, and the packer that writes the exact bytes llama.cpp reads.  Families:
-:mod:`.legacy` (Q4_0 … Q8_0, F16), :mod:`.kquants` (Q2_K … Q6_K), :mod:`.iq4nl` (IQ4_NL).
+:mod:`.legacy` (Q4_0 … Q8_0, F16), :mod:`.kquants` (Q2_K … Q6_K), :mod:`.iq4nl` (IQ4_NL),
+:mod:`.iquants` (IQ4_XS and the vector grids IQ3_XXS, IQ3_S, IQ2_XXS, IQ2_XS, IQ2_S: ``codec.unit`` = 8, the
+columns the solvers quantize at once).
 
 Fallback (llama.cpp ``tensor_type_fallback`` in ``src/llama-quant.cpp``): a row length ``n`` not a
 multiple of the block gives Q2_K, Q3_K → Q4_0; Q4_K → Q5_0; Q5_K → Q5_1; Q6_K → Q8_0 (and the I-quants
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from ..errors import LowbitError
 from .codec import Codec
 from .iq4nl import IQ4NL
+from .iquants import IQUANTS
 from .kquants import KQUANTS
 from .legacy import LEGACY, Float16
 
@@ -43,9 +46,10 @@ class GGUFType:
         return n % self.block == 0
 
 
-_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+             **{c.name: "IQ4_NL" for c in IQUANTS}}
 TYPES: dict[str, GGUFType] = {c.name: GGUFType(c.name, c, _FALLBACK.get(c.name))
-                              for c in (*LEGACY, IQ4NL(), *KQUANTS, Float16())}
+                              for c in (*LEGACY, IQ4NL(), *KQUANTS, *IQUANTS, Float16())}
 QUANT_TYPES = tuple(n for n in TYPES if n != "F16")  # what --gguf-type accepts
 
 

@@ -10,9 +10,15 @@
 * :mod:`.mixed_cpu` — Squeeze10's mixed binary / high-bit cells (``"bin+int"``): bit-plane table lookups and
   the high cells' codes read on the fly, float activations (the same result under ``"auto"`` and ``"exact"``);
 * :mod:`.reference` — ``x @ packed.dequantize(x.dtype).T`` for everything else: other formats
-  (formats added later), CUDA tensors, inputs that need gradients,
-  or when the fast kernel cannot be built (no C++ compiler); that fallback is announced once with
+  (formats added later), CUDA tensors, buffers not in a kernel's layout (``model.to(torch.bfloat16)`` makes fp16
+  scales bf16: every ``supports()`` checks each tensor's dtype, device and shape), inputs that need gradients,
+  or when the fast kernel cannot be built (no C++ compiler, build error); that fallback is announced once with
   :func:`warnings.warn`.
+
+The C++ sources are files in ``csrc/`` (package data), built on first use by :mod:`.build`;
+:func:`warm_up` builds them all and says which are available and why not (``python -m lowbit.kernels``,
+``lowbit kernels``).  The dispatcher lives in :mod:`.dispatch`; this package imports it (and torch) only
+when one of its names is first used, so the CLI can register ``lowbit kernels`` without importing torch.
 
 Backends (``LOWBIT_KERNELS=…`` or :func:`use_backend`; tests use it to compare paths on the same model):
 
@@ -23,86 +29,19 @@ Backends (``LOWBIT_KERNELS=…`` or :func:`use_backend`; tests use it to compare
   summation order);
 * ``"reference"`` — the PyTorch reference for everything.
 """
-from __future__ import annotations
-
-import contextlib
-import functools
-import os
-import warnings
-
-import torch
-
-from . import group_cpu, mixed_cpu, outliers, quip_cpu, reference
-
-__all__ = ["matmul", "plan", "plan_key", "kernel_name", "use_backend", "backend", "warm_up"]
-
-BACKENDS = ("auto", "exact", "reference")
-_MODULES = {"group_cpu": group_cpu, "outliers": outliers, "quip_cpu": quip_cpu, "mixed_cpu": mixed_cpu}
-_INT8_ACT = ("group_cpu", "outliers")  # kernels with an int8-activation decode path
-_backend = os.environ.get("LOWBIT_KERNELS", "auto")
-_warned: set[str] = set()
+_API = ("matmul", "plan", "plan_key", "kernel_name", "use_backend", "backend", "warm_up", "status_table",
+        "KernelStatus", "KERNELS", "BACKENDS")
+__all__ = list(_API)
 
 
-def backend() -> str:
-    """The active backend: ``"auto"``, ``"exact"`` or ``"reference"`` (see the module doc)."""
-    return _backend
+def __getattr__(name: str):
+    if name in _API:
+        from . import dispatch
+
+        value = globals()[name] = getattr(dispatch, name)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@contextlib.contextmanager
-def use_backend(name: str):
-    """``with use_backend("reference"): …`` — temporarily force a backend."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown kernel backend {name!r} (use one of {', '.join(BACKENDS)})")
-    old, _backend = _backend, name
-    try:
-        yield
-    finally:
-        _backend = old
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def kernel_name(packed, x: torch.Tensor | None = None) -> str:
-    """Name of the kernel :func:`matmul` would use: a key of ``_MODULES`` or ``"reference"``."""
-    x = torch.empty(0) if x is None else x
-    if _backend == "reference" or (x.requires_grad and torch.is_grad_enabled()):
-        return "reference"
-    for name, mod in _MODULES.items():
-        if not mod.supports(packed, x):
-            continue
-        if mod.available():  # compiles on the first call only
-            return name
-        _warn_once(name, f"lowbit: the fast CPU kernel ({name}) is unavailable, using the slower reference path "
-                   f"({mod.unavailable_reason()})")
-    return "reference"
-
-
-def plan(packed, x: torch.Tensor):
-    """The function ``x -> x Ŵᵀ`` :func:`matmul` would run for inputs like ``x`` (same dtype, device, grad
-    needs) under the current backend, with its per-weight set-up done once; layers cache it."""
-    name = kernel_name(packed, x)
-    if name == "reference":
-        return functools.partial(reference.matmul, packed)
-    if name in _INT8_ACT:
-        return _MODULES[name].plan(packed, int8_act=_backend == "auto")
-    return _MODULES[name].plan(packed)
-
-
-def plan_key(x: torch.Tensor) -> tuple:
-    """What :func:`plan`'s choice depends on besides the weight: backend, dtype, device, autograd."""
-    return _backend, x.dtype, x.device, x.requires_grad and torch.is_grad_enabled()
-
-
-def matmul(packed, x: torch.Tensor) -> torch.Tensor:
-    """``y = x Ŵᵀ`` with the fastest kernel available for ``packed``'s format (see module doc)."""
-    return plan(packed, x)(x)
-
-
-def warm_up() -> bool:
-    """Build/load the compiled kernel now (not during the first timed forward); ``True`` if usable."""
-    return _backend != "reference" and group_cpu.available()
+def __dir__():
+    return sorted(set(globals()) | set(_API))

@@ -21,7 +21,7 @@ binarization, ``qres``/``p3`` — so the weight stays at its stored size.  The o
   reference computation, faster.
 
 Activations stay float (fp32 math, the result cast back to ``x.dtype``), so this is the ``"exact"`` kernel
-of the dispatcher: the reference result up to fp32 summation order.  The C++ source (:mod:`.mixed_cpu_src`)
+of the dispatcher: the reference result up to fp32 summation order.  The C++ source (``csrc/mixed_cpu.cpp``)
 is compiled on first use (``-O3 -march=native -fopenmp -ffp-contract=off``) into ``$LOWBIT_CACHE/kernels``;
 importing this module never compiles, :func:`available` does, once per process.
 """
@@ -30,42 +30,52 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .build import load_extension
-from .mixed_cpu_src import SOURCE
+from .build import Extension
+from .checks import cpu_input, cpu_tensor, words
 
+EXT = Extension("mixed_cpu", "mixed_cpu.cpp", ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"),
+                "mixed binary/int CPU kernel")
 GEMV_MAX_TOKENS = 4  # above this many rows of x: dequantize once + BLAS GEMM (as the other kernels)
-_state: dict = {}
 _EMPTY_I = torch.empty(0, dtype=torch.int32)
 _EMPTY_H = torch.empty(0, dtype=torch.float16)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _load():
     """Compile (first time on this machine) and import the extension; ``None`` if that fails."""
-    return load_extension(_state, "lowbit_mixed_cpu", SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"],
-                          "mixed binary/int CPU kernel")
+    return EXT.load()
 
 
 def available() -> bool:
     """Whether the compiled kernel can be used in this process (compiles it on the first call)."""
-    return _load() is not None
+    return EXT.available()
 
 
 def unavailable_reason() -> str | None:
-    _load()
-    return _state.get("error")
+    return EXT.reason()
 
 
 def has_avx2() -> bool:
     """Whether the compiled kernel has the AVX2 path (else the scalar one runs)."""
-    return available() and _state["module"].has_avx2()
+    return available() and _load().has_avx2()
+
+
+def describe() -> str:
+    return "AVX2" if has_avx2() else "portable scalar loop (the CPU has no AVX2+FMA)"
 
 
 def supports(packed, x: torch.Tensor) -> bool:
-    """Every ``MixedBinaryWeight`` (2–8 high bits, any group size, with or without residual) on the CPU with a
-    float ``x``."""
-    return (getattr(packed, "kind", None) == "bin+int" and 2 <= packed.high_bits <= 8
-            and x.device.type == "cpu" and packed.qsign.device.type == "cpu" and x.dtype in _DTYPES)
+    """Every ``MixedBinaryWeight`` (2–8 high bits, any group size, with or without residual) stored as the C++
+    reads it — ``qsign`` int32 ``(m, ceil(n/32))``, ``qrest``/``mask`` int32 streams, ``p1``/``p2`` fp16
+    ``(m, G)``, with residual ``qres`` int32 and ``p3`` fp16 streams, all contiguous on the CPU — and ``x`` (…, n)
+    float32/bf16/fp16 on the CPU."""
+    if getattr(packed, "kind", None) != "bin+int" or not 2 <= packed.high_bits <= 8:
+        return False
+    (m, n), G = packed.shape, -(-packed.shape[1] // packed.group_size)
+    res = packed.binary_residual
+    return (cpu_input(x, n) and cpu_tensor(packed.qsign, torch.int32, (m, words(n, 1)))
+            and cpu_tensor(packed.qrest, torch.int32, 1) and cpu_tensor(packed.mask, torch.int32, (words(m * G, 1),))
+            and cpu_tensor(packed.p1, torch.float16, (m, G)) and cpu_tensor(packed.p2, torch.float16, (m, G))
+            and (not res or (cpu_tensor(packed.qres, torch.int32, 1) and cpu_tensor(packed.p3, torch.float16, 1))))
 
 
 def _offsets(packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,9 +92,8 @@ def _offsets(packed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _args(packed, offsets):
     res = packed.binary_residual
-    return (packed.qsign.contiguous(), packed.qrest.contiguous(), packed.mask.contiguous(),
-            packed.p1.to(torch.float16).contiguous(), packed.p2.to(torch.float16).contiguous(),
-            packed.qres.contiguous() if res else _EMPTY_I, packed.p3.to(torch.float16).contiguous() if res else _EMPTY_H,
+    return (packed.qsign, packed.qrest, packed.mask, packed.p1, packed.p2,
+            packed.qres if res else _EMPTY_I, packed.p3 if res else _EMPTY_H,
             *offsets, packed.shape[1], packed.group_size, packed.high_bits)
 
 

@@ -5,7 +5,7 @@
     y = x Dᵀ + x Sᵀ,      (x Sᵀ)[t, i] = Σ_{k ∈ row i} val_k · x[t, col_k]
 
 * few tokens (decoding): ``x Dᵀ`` by :func:`lowbit.kernels.group_cpu.matmul` (weights stay packed), the
-  sparse part by a small compiled CSR kernel (:mod:`.outliers_src`) reading the stored ``rowptr``/``col``/``val``
+  sparse part by a small compiled CSR kernel (``csrc/outliers.cpp``) reading the stored ``rowptr``/``col``/``val``
   as they are — O(nnz), ≈ 3× faster than PyTorch's gather + ``index_add_`` on one thread;
 * many tokens (prefill): ``Ŵ`` is built once (the group kernel's dequantization + the outliers added at
   their positions, exactly the reference ``dequantize``) and multiplied by BLAS.
@@ -16,30 +16,34 @@ import torch
 import torch.nn.functional as F
 
 from . import group_cpu
-from .build import load_extension
-from .outliers_src import SOURCE
+from .build import Extension
+from .checks import cpu_tensor
 
-_state: dict = {}
-
-
-def _load():
-    return load_extension(_state, "lowbit_outliers_cpu", SOURCE, ["-O3", "-march=native", "-fopenmp"],
-                          "sparse outlier kernel")
+EXT = Extension("outliers_cpu", "outliers.cpp", ("-O3", "-march=native", "-fopenmp"), "sparse outlier kernel")
 
 
 def supports(packed, x: torch.Tensor) -> bool:
-    return getattr(packed, "kind", None) == "int+outliers" and group_cpu.supports(packed.dense, x)
+    """``"int+outliers"`` weights whose dense part :func:`lowbit.kernels.group_cpu.supports` takes and whose CSR
+    tensors are ``outlier_rowptr`` int32 ``(m + 1,)``, ``outlier_col`` int16/int32 ``(nnz,)``, ``outlier_val``
+    fp16 ``(nnz,)``, contiguous on the CPU."""
+    if getattr(packed, "kind", None) != "int+outliers" or not group_cpu.supports(packed.dense, x):
+        return False
+    nnz = packed.outlier_val.numel()
+    return (cpu_tensor(packed.outlier_rowptr, torch.int32, (packed.shape[0] + 1,))
+            and cpu_tensor(packed.outlier_col, (torch.int16, torch.int32), (nnz,))
+            and cpu_tensor(packed.outlier_val, torch.float16, (nnz,)))
 
 
 def available() -> bool:
-    return group_cpu.available() and _load() is not None
+    return group_cpu.available() and EXT.available()
 
 
 def unavailable_reason() -> str | None:
-    if not group_cpu.available():
-        return group_cpu.unavailable_reason()
-    _load()
-    return _state.get("error")
+    return group_cpu.unavailable_reason() if not group_cpu.available() else EXT.reason()
+
+
+def describe() -> str:
+    return "CSR kernel for the outliers + group_cpu for the dense part"
 
 
 def plan(packed, int8_act: bool = False):
@@ -47,7 +51,7 @@ def plan(packed, int8_act: bool = False):
     m, n = packed.shape
     dense = group_cpu.plan(packed.dense, int8_act)
     csr = (packed.outlier_rowptr, packed.outlier_col, packed.outlier_val)
-    mod = _load()
+    mod = EXT.load()
 
     def run(x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, n)

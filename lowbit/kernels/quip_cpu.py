@@ -3,7 +3,7 @@
 ``y = x Wᵀ`` with ``W = Uᵀ W̃ V`` (see :mod:`lowbit.packed.quipw`) is computed as
 ``y = rht_inverse(xv @ W̃ᵀ, s_u, out_kind)``, ``xv = rht_forward(x, s_v, in_kind)``: the two O(n log n)
 transforms (the Hadamard kind in the kernel, one call each, the same operations in the same order as
-:mod:`lowbit.quip.hadamard`; the FFT kind in torch) and the middle product, which is the kernel's.
+:mod:`lowbit.packed.rht`; the FFT kind in torch) and the middle product, which is the kernel's.
 The kernel reads the stored codes as they are — ``codes`` int16 ``(m, n/8)`` (E8P) and, for 3/4 bits,
 ``codes2`` uint8 (E8 residual) or int16 (second E8P stage) — and the stage ``scales``:
 
@@ -16,7 +16,7 @@ The kernel reads the stored codes as they are — ``codes`` int16 ``(m, n/8)`` (
   to :meth:`QuipWeight.rotated`) and multiplied with BLAS, i.e. exactly :meth:`QuipWeight.matmul`, faster.
 
 Math is fp32 whatever ``x.dtype`` (like :meth:`QuipWeight.matmul`); the result is cast back to ``x.dtype``.
-The C++ source (:mod:`.quip_cpu_src`) is compiled on first use with ``torch.utils.cpp_extension``
+The C++ source (``csrc/quip_cpu.cpp``) is compiled on first use with ``torch.utils.cpp_extension``
 (``-O3 -march=native -fopenmp -ffp-contract=off``) into ``$LOWBIT_CACHE/kernels`` (default
 ``~/.cache/lowbit/kernels``).  Importing this module never compiles; :func:`available` does, once per
 process, and returns ``False`` (with the reason in :func:`unavailable_reason`) when there is no compiler.
@@ -27,44 +27,58 @@ from functools import lru_cache
 
 import torch
 
-from ..packed.quipw import rht_forward, rht_inverse
-from ..quip import e8p
-from ..quip.hadamard import hadamard_factor, hadamard_matrix
-from .build import load_extension
-from .quip_cpu_src import SOURCE
+from ..packed import codebooks
+from ..packed.rht import hadamard_factor, hadamard_matrix, rht_forward, rht_inverse
+from .build import Extension
+from .checks import cpu_input, cpu_tensor
 
+EXT = Extension("quip_cpu", "quip_cpu.cpp", ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off"),
+                "QuIP# CPU kernel")
 GEMV_MAX_TOKENS = 4  # above this many rows of x: decode W̃ once + BLAS GEMM
-_state: dict = {}
 _EMPTY = torch.empty(0, dtype=torch.int16)
 _EMPTY_F = torch.empty(0, dtype=torch.float32)
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CODES2 = {"e8res": torch.uint8, "e8p": torch.int16}  # the second stage's stored dtype
 
 
 def _load():
     """Compile (first time on this machine) and import the extension; ``None`` if that fails."""
-    return load_extension(_state, "lowbit_quip_cpu", SOURCE, ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"], "QuIP# CPU kernel")
+    return EXT.load()
 
 
 def available() -> bool:
     """Whether the compiled kernel can be used in this process (compiles it on the first call)."""
-    return _load() is not None
+    return EXT.available()
 
 
 def unavailable_reason() -> str | None:
-    _load()
-    return _state.get("error")
+    return EXT.reason()
 
 
 def has_avx2() -> bool:
     """Whether the compiled kernel has the AVX2 path (else the scalar one runs)."""
-    return available() and _state["module"].has_avx2()
+    return available() and _load().has_avx2()
+
+
+def describe() -> str:
+    return "AVX2" if has_avx2() else "portable scalar loop (the CPU has no AVX2+FMA)"
 
 
 def supports(packed, x: torch.Tensor) -> bool:
-    """E8P QuIP# weights (2, 3, 4 bits) on the CPU with a float ``x``; the scalar codebook is left to the reference."""
-    return (getattr(packed, "kind", None) == "quip" and getattr(packed, "codebook", None) == "e8p"
-            and packed.bits in (2, 3, 4) and packed.shape[1] % 8 == 0
-            and x.device.type == "cpu" and packed.codes.device.type == "cpu" and x.dtype in _DTYPES)
+    """E8P QuIP# weights (2, 3, 4 bits) stored as the kernel reads them — ``codes`` int16 ``(m, n/8)``, ``codes2``
+    uint8 (3 bits) or int16 (4 bits) ``(m, n/8)``, float ``scales`` (one per stage; cast to fp32 as the reference
+    does), sign planes or vectors, all on the CPU — and ``x`` (…, n) float32/bf16/fp16 on the CPU; the scalar
+    codebook is left to the reference."""
+    if (getattr(packed, "kind", None) != "quip" or getattr(packed, "codebook", None) != "e8p"
+            or packed.bits not in (2, 3, 4) or packed.shape[1] % 8):
+        return False
+    (m, n), stages = packed.shape, packed.stages
+    signs = [t for t in (packed.su, packed.sv) if t is not None]
+    return (cpu_input(x, n) and cpu_tensor(packed.codes, torch.int16, (m, n // 8))
+            and (packed.codes2 is None) == (len(stages) == 1)
+            and (packed.codes2 is None or cpu_tensor(packed.codes2, _CODES2[stages[1]], (m, n // 8)))
+            and packed.scales.is_floating_point() and packed.scales.device.type == "cpu"
+            and packed.scales.numel() == len(stages)
+            and all(t.device.type == "cpu" for t in signs) and len(signs) in (0, 2))
 
 
 @lru_cache(maxsize=None)
@@ -72,13 +86,13 @@ def _tables() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``A`` (256, 8) fp32 abs patterns with coordinate 7 negated where the pattern parity is odd,
     ``S`` (128, 8) int32 sign-bit XOR masks of the 7 sign bits (coordinate 7: their popcount parity),
     ``R`` (256, 8) fp32 residual codebook."""
-    A = e8p.abs_table().clone()
-    A[:, 7] *= 1.0 - 2.0 * e8p._pattern_parity().float()
+    A = codebooks.abs_table().clone()
+    A[:, 7] *= 1.0 - 2.0 * codebooks.pattern_parity().float()
     sig = torch.arange(128)
     neg7 = (sig[:, None] >> torch.arange(7)) & 1
     neg = torch.cat([neg7, (neg7.sum(-1) & 1)[:, None]], dim=1).bool()
     S = torch.where(neg, torch.tensor(-2 ** 31, dtype=torch.int32), torch.tensor(0, dtype=torch.int32))
-    return A.contiguous(), S.contiguous(), e8p.residual_codebook().float().contiguous()
+    return A.contiguous(), S.contiguous(), codebooks.residual_codebook().float().contiguous()
 
 
 @lru_cache(maxsize=None)
@@ -89,7 +103,7 @@ def _hadamard(n: int) -> tuple[torch.Tensor, int]:
 
 
 def _rht(x: torch.Tensor, signs: torch.Tensor | None, kind: str, inverse: bool, fast: bool) -> torch.Tensor:
-    """``rht_forward`` / ``rht_inverse`` of :mod:`lowbit.packed.quipw` on (M, n) fp32; the Hadamard kind runs in
+    """``rht_forward`` / ``rht_inverse`` of :mod:`lowbit.packed.rht` on (M, n) fp32; the Hadamard kind runs in
     the compiled kernel (one call instead of ~6 torch ops per butterfly level) unless ``fast`` is False."""
     if kind == "none":
         return x

@@ -16,6 +16,7 @@ from torch import nn
 from ..config import Method, QuantConfig
 from ..errors import LowbitError
 from ..packed.qlinear import QuantLinear
+from .modules import replace_module
 
 HEAD_GROUP_SIZE = 32
 
@@ -34,8 +35,7 @@ def quantize_head(model: nn.Module, bits: int, solve) -> tuple[str, object, dict
         raise LowbitError(f"--head-bits: this model's output head is a {type(head).__name__}, not a linear layer")
     W = head.weight.detach().float().clone()  # a copy: with tied embeddings the float table stays for lookups
     packed, info = solve(head_config(bits), W, None, name)
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, QuantLinear(packed, head.bias))
+    replace_module(model, name, QuantLinear(packed, head.bias))
     if getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
     return name, packed, info

@@ -1,5 +1,6 @@
-"""Packed weight formats, the inference module that holds them, and the checkpoint folder."""
+"""Packed weight formats, the inference module that holds them, and the checkpoint folder.
 
-# The format table first: the format modules (mixed, quipw, ggufw) import helpers from qweight, which registers
-# them at its end, so whichever module is imported first, qweight must be initialised before them.
-from . import qweight  # noqa: E402,F401
+:mod:`.base` holds the protocol and the format table; each format module registers its class there with
+``@register_format``.  Importing them here fills the table before any ``lowbit.packed`` module is used.
+"""
+from . import qweight, mixed, quipw, ggufw  # noqa: F401,I001  (each registers its format in base.FORMATS, in this order)

@@ -31,8 +31,9 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..jsonio import dumps
+from ..models.modules import replace_module
 from .qlinear import QuantLinear
-from .qweight import FORMATS, FormatError, from_tensors
+from .base import FORMATS, FormatError, from_tensors
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
@@ -261,8 +262,7 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
                               f"{(getattr(old, 'out_features', '?'), getattr(old, 'in_features', '?'))}")
         if old.bias is not None and bias is None:
             raise LowbitError(f"{wpath}: missing tensor '{name}.bias'")
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, QuantLinear(packed, None if bias is None else bias.to(dtype)))
+        replace_module(model, name, QuantLinear(packed, None if bias is None else bias.to(dtype)))
     expected = model.state_dict()
     for k, t in tensors.items():
         if k not in expected:

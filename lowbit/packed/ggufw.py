@@ -12,9 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import FormatError, PackedWeight, expect, register_format
 
+
+@register_format
 @dataclass(frozen=True)
-class GGUFWeight:
+class GGUFWeight(PackedWeight):
     kind = "gguf"
     shape: tuple[int, int]
     gguf_type: str
@@ -55,12 +58,5 @@ class GGUFWeight:
         t = TYPES.get(name)
         if t is None or m < 1 or n < 1 or not t.fits(n):
             raise FormatError(f"bad layer metadata {meta!r}: unknown GGUF type or a row length it cannot hold")
-        blocks = _expect(tensors, "blocks", torch.uint8, (m, n // t.block * t.type_size))
+        blocks = expect(tensors, "blocks", torch.uint8, (m, n // t.block * t.type_size))
         return cls((m, n), name, blocks)
-
-    def stored_bits(self) -> int:
-        return self.blocks.numel() * 8
-
-
-# imported last: lowbit.packed.qweight registers this format when it loads, so either module may be imported first
-from .qweight import FormatError, _expect  # noqa: E402

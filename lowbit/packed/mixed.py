@@ -31,15 +31,33 @@ bits/weight at the same setting.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from . import bitpack
-from .qweight import FormatError, _expect, meta_bool, meta_int, meta_shape
+from .base import FormatError, PackedWeight, expect, meta_bool, meta_int, meta_shape, register_format
 
 
+class MixedPlanes(NamedTuple):
+    """A :class:`MixedBinaryWeight`'s codes, unpacked: ``high`` (m, G) bool (high cells), ``col`` (n,) int64 (group
+    of each column), ``high_w`` (m, n) bool (weights in high cells), ``t`` (m, n) the top-bit plane, ``q`` (m, n)
+    the high-bit code ``2^(b−1)·t + r`` (only ``2^(b−1)·t`` in binary cells), and with residual binarization
+    ``u`` (m, n) the second sign (0 in high cells) and ``p3`` (m, G) the cells' ``α₂`` (0 in high cells), else
+    None; all float32 but the masks and ``col``."""
+
+    high: torch.Tensor
+    col: torch.Tensor
+    high_w: torch.Tensor
+    t: torch.Tensor
+    q: torch.Tensor
+    u: torch.Tensor | None
+    p3: torch.Tensor | None
+
+
+@register_format
 @dataclass(frozen=True)
-class MixedBinaryWeight:
+class MixedBinaryWeight(PackedWeight):
     kind = "bin+int"
     shape: tuple[int, int]
     high_bits: int
@@ -91,29 +109,34 @@ class MixedBinaryWeight:
         m, G = self.shape[0], self.n_groups
         return bitpack.unpack(self.mask, 1, m * G).view(m, G).bool()
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def planes(self) -> MixedPlanes:
+        """The stored codes unpacked (see :class:`MixedPlanes`), on the tensors' device."""
         m, n = self.shape
-        gs = self.group_size
         high = self.high_cells()
         t = bitpack.unpack(self.qsign, 1, n).float()                      # (m, n)
-        col_group = torch.arange(n, device=t.device) // gs
-        high_w = high[:, col_group]
+        col = torch.arange(n, device=t.device) // self.group_size
+        high_w = high[:, col]
         q = torch.zeros(m, n, dtype=torch.float32, device=t.device)
         kw = int(high_w.sum())
         if kw:
             q[high_w] = bitpack.unpack(self.qrest, self.high_bits - 1, kw).float()
-        p1, p2 = self.p1.float()[:, col_group], self.p2.float()[:, col_group]
         q = q + t * 2 ** (self.high_bits - 1)
-        binary = p2 + p1 * (2 * t - 1)
+        u = p3 = None
         if self.binary_residual:
             u = torch.zeros(m, n, dtype=torch.float32, device=t.device)
             p3 = torch.zeros(m, self.n_groups, dtype=torch.float32, device=t.device)
-            kb = m * n - kw
-            if kb:
-                u[~high_w] = bitpack.unpack(self.qres, 1, kb).float()
+            if m * n - kw:
+                u[~high_w] = bitpack.unpack(self.qres, 1, m * n - kw).float()
                 p3[~high] = self.p3.float()
-            binary = binary + p3[:, col_group] * (2 * u - 1)      # the solver's order of operations: exact
-        w = torch.where(high_w, p1 * (q - p2), binary)
+        return MixedPlanes(high, col, high_w, t, q, u, p3)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        d = self.planes()
+        p1, p2 = self.p1.float()[:, d.col], self.p2.float()[:, d.col]
+        binary = p2 + p1 * (2 * d.t - 1)
+        if d.u is not None:
+            binary = binary + d.p3[:, d.col] * (2 * d.u - 1)      # the solver's order of operations: exact
+        w = torch.where(d.high_w, p1 * (d.q - p2), binary)
         return w.to(dtype)
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -135,20 +158,17 @@ class MixedBinaryWeight:
         G = -(-n // gs)
         k = meta_int(meta, "high_cells", 0, m * G)
         # the tensors whose shapes follow from (m, n, G) first: they bound the work of counting the cells below
-        qsign = _expect(tensors, "qsign", torch.int32, (m, bitpack.packed_width(n, 1)))
-        p1, p2 = _expect(tensors, "p1", torch.float16, (m, G)), _expect(tensors, "p2", torch.float16, (m, G))
-        mask = _expect(tensors, "mask", torch.int32, (bitpack.packed_width(m * G, 1),))
+        qsign = expect(tensors, "qsign", torch.int32, (m, bitpack.packed_width(n, 1)))
+        p1, p2 = expect(tensors, "p1", torch.float16, (m, G)), expect(tensors, "p2", torch.float16, (m, G))
+        mask = expect(tensors, "mask", torch.int32, (bitpack.packed_width(m * G, 1),))
         high = bitpack.unpack(mask, 1, m * G).view(m, G).bool()
         if int(high.sum()) != k:
             raise FormatError(f"tensor 'mask' marks a different number of high cells than {k}")
         kw = int(high.sum(dim=0)[torch.arange(n) // gs].sum())  # weights in high cells: Σ_j (high cells of j's group)
         extra = {}
         if residual:
-            extra = {"qres": _expect(tensors, "qres", torch.int32, (bitpack.packed_width(m * n - kw, 1),)),
-                     "p3": _expect(tensors, "p3", torch.float16, (m * G - k,))}
+            extra = {"qres": expect(tensors, "qres", torch.int32, (bitpack.packed_width(m * n - kw, 1),)),
+                     "p3": expect(tensors, "p3", torch.float16, (m * G - k,))}
         return cls((m, n), b, gs, qsign=qsign,
-                   qrest=_expect(tensors, "qrest", torch.int32, (bitpack.packed_width(kw, b - 1),)),
+                   qrest=expect(tensors, "qrest", torch.int32, (bitpack.packed_width(kw, b - 1),)),
                    mask=mask, p1=p1, p2=p2, **extra)
-
-    def stored_bits(self) -> int:
-        return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())

@@ -1,7 +1,7 @@
 """QuIP#'s packed weight (kind ``"quip"``): lattice codes of the rotated weight, its scales and the RHT signs.
 
 For ``W`` (m, n) the solver quantizes the incoherent weight ``W̃ = U W Vᵀ`` with ``U = T_m·diag(s_u)``,
-``V = T_n·diag(s_v)`` (``T`` the orthonormal Hadamard or FFT transform of :mod:`lowbit.quip.hadamard`,
+``V = T_n·diag(s_v)`` (``T`` the orthonormal Hadamard or FFT transform of :mod:`lowbit.packed.rht`,
 ``s`` sign vectors).  What is stored, per stage ``k`` of the residual (RVQ) chain:
 
     W̃ ≈ Σ_k scales[k] · C_k        C_k (m, n) = the decoded codes of stage k, in codebook units
@@ -23,7 +23,7 @@ bit set = −1) or, after fine-tuning, as real fp16 vectors; absent with ``rht =
 Bits (``stored_bits``): codes ``bits·m·n`` exactly for E8P chains (16 bits / 8 weights per E8P stage, 8 bits / 8
 weights for the residual), ``32·stages`` for the scales, ``32·(ceil(m/32) + ceil(n/32))`` for 1-bit signs or
 ``16·(m + n)`` for real ones.  The codebooks are not stored: they are regenerated from their definition
-(:mod:`lowbit.quip.e8p`), so they cost 0 bits.  E.g. 2-bit 576×576: ``(2·576² + 32 + 32·36)/576² ≈ 2.004``.
+(:mod:`lowbit.packed.codebooks`), so they cost 0 bits.  E.g. 2-bit 576×576: ``(2·576² + 32 + 32·36)/576² ≈ 2.004``.
 """
 from __future__ import annotations
 
@@ -31,12 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..quip import e8p
-from ..quip.hadamard import fft_transform, hadamard_transform
 from . import bitpack
-from .qweight import FormatError, _expect, meta_int, meta_shape, meta_str
-
-KINDS = ("hadamard", "fft", "none")
+from . import codebooks
+from .base import FormatError, PackedWeight, expect, meta_int, meta_shape, meta_str, register_format
+from .rht import KINDS, rht_forward, rht_inverse, transform  # noqa: F401  (re-exported: solvers and kernels use them)
 
 
 def stages_of(codebook: str, bits: int) -> tuple[str, ...]:
@@ -48,23 +46,6 @@ def stages_of(codebook: str, bits: int) -> tuple[str, ...]:
     if codebook != "e8p" or bits not in chains:
         raise FormatError(f"no QuIP# stage chain for codebook {codebook!r} at {bits} bits")
     return chains[bits]
-
-
-def transform(x: torch.Tensor, kind: str, inverse: bool = False) -> torch.Tensor:
-    """``T x`` (or ``Tᵀ x``) over the last dim; ``kind`` "hadamard", "fft" or "none" (identity)."""
-    if kind == "none":
-        return x
-    return (hadamard_transform if kind == "hadamard" else fft_transform)(x, inverse=inverse)
-
-
-def rht_forward(x: torch.Tensor, signs: torch.Tensor | None, kind: str) -> torch.Tensor:
-    """``V x = T(s ⊙ x)`` over the last dim, x (..., n)."""
-    return x if kind == "none" else transform(x * signs.to(x), kind)
-
-
-def rht_inverse(y: torch.Tensor, signs: torch.Tensor | None, kind: str) -> torch.Tensor:
-    """``Vᵀ y = s ⊙ Tᵀ y`` over the last dim, y (..., n)."""
-    return y if kind == "none" else transform(y, kind, inverse=True) * signs.to(y)
 
 
 def pack_signs(s: torch.Tensor) -> torch.Tensor:
@@ -90,7 +71,7 @@ def pack_stage(stage: str, codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes (m, n/8) for E8 stages or (m, n) for ``scalar`` -> the stored tensor."""
     codes = codes.cpu()
     if stage == "e8p":
-        return e8p.pack(codes, torch.int16)
+        return codebooks.pack(codes, torch.int16)
     if stage == "e8res":
         return codes.to(torch.uint8)
     return bitpack.pack(codes, bits)
@@ -99,14 +80,15 @@ def pack_stage(stage: str, codes: torch.Tensor, bits: int) -> torch.Tensor:
 def decode_stage(stage: str, stored: torch.Tensor, m: int, n: int, bits: int) -> torch.Tensor:
     """The stored codes of one stage -> values (m, n) float32 in codebook units."""
     if stage == "e8p":
-        return e8p.decode(e8p.unpack(stored)).reshape(m, n)
+        return codebooks.decode(codebooks.unpack(stored)).reshape(m, n)
     if stage == "e8res":
-        return e8p.decode_residual(stored.long()).reshape(m, n)
+        return codebooks.decode_residual(stored.long()).reshape(m, n)
     return bitpack.unpack(stored, bits, n).float() - (2 ** bits - 1) / 2
 
 
+@register_format
 @dataclass(frozen=True)
-class QuipWeight:
+class QuipWeight(PackedWeight):
     """A QuIP# weight: see the module docstring for the math, the tensors and their shapes."""
 
     kind = "quip"
@@ -139,13 +121,18 @@ class QuipWeight:
             return self.su.float(), self.sv.float()
         return unpack_signs(self.su, m).to(self.su.device), unpack_signs(self.sv, n).to(self.sv.device)
 
-    def rotated(self) -> torch.Tensor:
-        """``W̃ = Σ_k scales[k]·C_k`` (m, n) float32 — the weight in the rotated space."""
+    def stage_terms(self) -> list[torch.Tensor]:
+        """``[scales[k]·C_k]``, one (m, n) float32 per stage: the terms of ``W̃``."""
         m, n = self.shape
         stored = [self.codes, self.codes2]
-        out = torch.zeros(m, n, dtype=torch.float32, device=self.codes.device)
-        for k, stage in enumerate(self.stages):
-            out += self.scales[k].float() * decode_stage(stage, stored[k], m, n, self.bits).to(out.device)
+        return [self.scales[k].float() * decode_stage(stage, stored[k], m, n, self.bits).to(self.codes.device)
+                for k, stage in enumerate(self.stages)]
+
+    def rotated(self) -> torch.Tensor:
+        """``W̃ = Σ_k scales[k]·C_k`` (m, n) float32 — the weight in the rotated space."""
+        out = torch.zeros(*self.shape, dtype=torch.float32, device=self.codes.device)
+        for term in self.stage_terms():
+            out += term
         return out
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -183,17 +170,13 @@ class QuipWeight:
             raise FormatError(f"an e8p layer needs a multiple of 8 columns, got {n}")
         if (signs == "none") != (out_kind == "none" == in_kind):
             raise FormatError(f"layer metadata: signs {signs!r} do not match the transforms {out_kind!r}/{in_kind!r}")
-        stored = [_expect(tensors, key, *stage_codes_shape(st, m, n, bits)) for key, st in zip(("codes", "codes2"), stages)]
+        stored = [expect(tensors, key, *stage_codes_shape(st, m, n, bits)) for key, st in zip(("codes", "codes2"), stages)]
         su = sv = None
         if signs == "bits":
-            su = _expect(tensors, "su", torch.int32, (bitpack.packed_width(m, 1),))
-            sv = _expect(tensors, "sv", torch.int32, (bitpack.packed_width(n, 1),))
+            su = expect(tensors, "su", torch.int32, (bitpack.packed_width(m, 1),))
+            sv = expect(tensors, "sv", torch.int32, (bitpack.packed_width(n, 1),))
         elif signs == "real":
-            su, sv = _expect(tensors, "su", torch.float16, (m,)), _expect(tensors, "sv", torch.float16, (n,))
+            su, sv = expect(tensors, "su", torch.float16, (m,)), expect(tensors, "sv", torch.float16, (n,))
         return cls((m, n), bits, codebook, out_kind, in_kind, codes=stored[0],
-                   scales=_expect(tensors, "scales", torch.float32, (len(stages),)),
+                   scales=expect(tensors, "scales", torch.float32, (len(stages),)),
                    codes2=stored[1] if len(stored) > 1 else None, su=su, sv=sv)
-
-    def stored_bits(self) -> int:
-        """Every stored bit: codes, scales and signs (the codebooks are regenerated, 0 bits)."""
-        return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())

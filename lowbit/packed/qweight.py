@@ -1,14 +1,7 @@
-"""Packed quantized weights: frozen dataclasses of plain tensors plus JSON-safe metadata.
+"""Group-wise integer formats: ``int`` (GPTQ-style grid) and ``int+outliers`` (the grid plus fp16 CSR outliers).
 
-Every packed format implements the same small interface, so the checkpoint code, the inference
-module and the bit accounting never branch on the method:
-
-* ``kind``                          — the format's name in ``lowbit.json``;
-* ``tensors() -> dict[str, Tensor]`` — what goes into safetensors (suffixes of the layer name);
-* ``meta() -> dict``                — JSON-safe settings needed to read the tensors back;
-* ``from_tensors(tensors, meta)``   — the inverse, validating keys, dtypes and shapes;
-* ``dequantize() -> Tensor (m, n)`` — the float weight (reference path);
-* ``stored_bits()``                 — every bit stored for this weight (codes, scales, zeros, indices).
+The protocol every format implements, the format table and the strict metadata readers live in
+:mod:`lowbit.packed.base`; they are re-exported here for the code that imports them from this module.
 """
 from __future__ import annotations
 
@@ -17,61 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from . import bitpack
+from .base import (FORMATS, FormatError, PackedWeight, _expect, expect, from_tensors, meta_bool, meta_int,  # noqa: F401
+                   meta_shape, meta_str, register_format)
 
 
-class FormatError(ValueError):
-    """Packed tensors that do not match their metadata (wrong keys, dtypes or shapes)."""
-
-
-def _expect(tensors: dict, key: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """``tensors[key]``, which must have exactly ``dtype`` and ``shape`` and, when floating point, finite values."""
-    if key not in tensors:
-        raise FormatError(f"missing tensor '{key}'")
-    t = tensors[key]
-    if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-        raise FormatError(f"tensor '{key}' is {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-        raise FormatError(f"tensor '{key}' holds NaN or infinite values")
-    return t
-
-
-# Layer metadata is read strictly: lowbit writes JSON integers, booleans and strings, so a float, a string of
-# digits, or 1 for true is damage, not a value to coerce (``int("4")``, ``bool("false")`` would accept garbage).
-
-def meta_int(meta: dict, key: str, lo: int = 1, hi: int | None = None) -> int:
-    """``meta[key]``: an integer (not a bool) in ``lo..hi``."""
-    v = meta.get(key)
-    if type(v) is not int or v < lo or (hi is not None and v > hi):
-        raise FormatError(f"layer metadata '{key}' must be an integer in {lo}..{'' if hi is None else hi}, got {v!r}")
-    return v
-
-
-def meta_bool(meta: dict, key: str, default: bool | None = None) -> bool:
-    """``meta[key]``: true or false (``default`` when absent, if given)."""
-    v = meta.get(key, default)
-    if not isinstance(v, bool):
-        raise FormatError(f"layer metadata '{key}' must be true or false, got {v!r}")
-    return v
-
-
-def meta_str(meta: dict, key: str, choices: tuple[str, ...]) -> str:
-    """``meta[key]``: one of ``choices``."""
-    v = meta.get(key)
-    if not isinstance(v, str) or v not in choices:
-        raise FormatError(f"layer metadata '{key}' must be one of {', '.join(choices)}, got {v!r}")
-    return v
-
-
-def meta_shape(meta: dict) -> tuple[int, int]:
-    """``meta["shape"]``: ``[m, n]``, two positive integers."""
-    v = meta.get("shape")
-    if not isinstance(v, list) or len(v) != 2 or any(type(d) is not int or d < 1 for d in v):
-        raise FormatError(f"layer metadata 'shape' must be [rows, columns] of positive integers, got {v!r}")
-    return v[0], v[1]
-
-
+@register_format
 @dataclass(frozen=True)
-class GroupQuantWeight:
+class GroupQuantWeight(PackedWeight):
     """Group-wise uniform integer weight ``Ŵ[i, j] = scale[i, g(j)]·(q[i, j] − zero[i, g(j)])``.
 
     Shapes, for ``W`` (m, n), group size ``gs`` and ``G = ceil(n/gs)`` groups (the last may be partial):
@@ -156,23 +101,21 @@ class GroupQuantWeight:
         bits, gs = meta_int(meta, "bits", 1, 8), meta_int(meta, "group_size", 1)
         sym, has_gidx = meta_bool(meta, "sym"), meta_bool(meta, "g_idx")
         n_groups = -(-n // gs)
-        g_idx = _expect(tensors, "g_idx", torch.int32, (n,)) if has_gidx else None
+        g_idx = expect(tensors, "g_idx", torch.int32, (n,)) if has_gidx else None
         if g_idx is not None and n and (int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups):
             raise FormatError(f"tensor 'g_idx' has group indices outside 0..{n_groups - 1}")
         return cls(
             shape=(m, n), bits=bits, group_size=gs,
-            qweight=_expect(tensors, "qweight", torch.int32, (m, bitpack.packed_width(n, bits))),
-            scales=_expect(tensors, "scales", torch.float16, (m, n_groups)),
-            qzeros=None if sym else _expect(tensors, "qzeros", torch.int32, (n_groups, bitpack.packed_width(m, bits))),
+            qweight=expect(tensors, "qweight", torch.int32, (m, bitpack.packed_width(n, bits))),
+            scales=expect(tensors, "scales", torch.float16, (m, n_groups)),
+            qzeros=None if sym else expect(tensors, "qzeros", torch.int32, (n_groups, bitpack.packed_width(m, bits))),
             g_idx=g_idx,
         )
 
-    def stored_bits(self) -> int:
-        return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())
 
-
+@register_format
 @dataclass(frozen=True)
-class OutlierQuantWeight:
+class OutlierQuantWeight(PackedWeight):
     """Group-wise integer weight plus exact fp16 outliers in CSR form (GWQ, SpQR-style storage).
 
     ``Ŵ = D + S``: ``D`` is the :class:`GroupQuantWeight` held by the first seven fields (its codes
@@ -246,9 +189,9 @@ class OutlierQuantWeight:
         dense = GroupQuantWeight.from_tensors(tensors, {**meta, "kind": GroupQuantWeight.kind})
         m, n = dense.shape
         nnz = meta_int(meta, "nnz", 0, m * n)
-        rowptr = _expect(tensors, "outlier_rowptr", torch.int32, (m + 1,))
-        col = _expect(tensors, "outlier_col", _col_dtype(n), (nnz,))
-        val = _expect(tensors, "outlier_val", torch.float16, (nnz,))
+        rowptr = expect(tensors, "outlier_rowptr", torch.int32, (m + 1,))
+        col = expect(tensors, "outlier_col", _col_dtype(n), (nnz,))
+        val = expect(tensors, "outlier_val", torch.float16, (nnz,))
         if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((rowptr[1:] < rowptr[:-1]).any()):
             raise FormatError("tensor 'outlier_rowptr' is not a valid CSR row pointer")
         if nnz and (int(col.min()) < 0 or int(col.max()) >= n):
@@ -256,39 +199,7 @@ class OutlierQuantWeight:
         return cls(dense.shape, dense.bits, dense.group_size, dense.qweight, dense.scales, dense.qzeros, dense.g_idx,
                    outlier_rowptr=rowptr, outlier_col=col, outlier_val=val)
 
-    def stored_bits(self) -> int:
-        return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())
-
 
 def _col_dtype(n: int) -> torch.dtype:
     return torch.int16 if n <= 32768 else torch.int32
 
-
-FORMATS = {GroupQuantWeight.kind: GroupQuantWeight, OutlierQuantWeight.kind: OutlierQuantWeight}
-
-
-def _register_more() -> None:
-    from .mixed import MixedBinaryWeight  # its module builds on this one, so it is imported last
-
-    FORMATS[MixedBinaryWeight.kind] = MixedBinaryWeight
-    from .quipw import QuipWeight  # QuIP#'s lattice codes + RHT signs
-
-    FORMATS[QuipWeight.kind] = QuipWeight
-    from .ggufw import GGUFWeight  # GGUF blocks exactly as llama.cpp reads them (lowbit.gguf)
-
-    FORMATS[GGUFWeight.kind] = GGUFWeight
-
-
-def from_tensors(tensors: dict[str, torch.Tensor], meta: dict):
-    """Rebuild a packed weight of any registered format from its tensors and metadata."""
-    kind = meta.get("kind") if isinstance(meta, dict) else None
-    if not isinstance(kind, str) or kind not in FORMATS:  # (a list or dict from a damaged lowbit.json is unhashable)
-        raise FormatError(f"unknown packed format {kind!r}")
-    packed = FORMATS[kind].from_tensors(tensors, meta)
-    extra = sorted(set(tensors) - set(packed.tensors()))
-    if extra:  # a tensor the metadata does not account for (e.g. a g_idx with "g_idx": false) would be ignored
-        raise FormatError(f"unexpected tensor '{extra[0]}' for a {kind} layer with this metadata")
-    return packed
-
-
-_register_more()

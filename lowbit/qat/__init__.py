@@ -56,7 +56,7 @@ def initial_solution(model: nn.Module, tokenizer, spec: ArchSpec, quant: QuantCo
         return out
     if qat.init != "gptq":
         return _from_checkpoint(model, spec, quant, qat.init)
-    from ..api import calib_dtype
+    from ..calib.dtype import calib_dtype
     from ..calib.runner import quantize_blocks
     from ..solvers import gptq
 
@@ -125,7 +125,7 @@ def quantize_dlqat(fp_model: nn.Module, tokenizer, spec: ArchSpec, quant: QuantC
     modules = wrap(fp_model, spec, inits, qat.lora_rank, qat.seed)
     del inits
     params = trainable_params(modules)
-    from ..api import calib_dtype
+    from ..calib.dtype import calib_dtype
 
     dtype = calib_dtype(calib.dtype, device)
     stats = train_loop(fp_model, params, ids, qat, calib.seqlen, device, teacher=teacher,

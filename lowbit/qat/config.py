@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import LowbitError
+from ..options import option
 
 # Fixed design choices, recorded next to the settings so a checkpoint says how it was trained.
 FORMULA = "W_hat = fp16(m*s) * (clamp(round((W0 + B A)/s) + z, 0, 2^b-1) - z)"
@@ -20,20 +21,20 @@ W0_OF_INIT = {"rtn": "original float weights", "gptq": "GPTQ dequantized weights
 class QATConfig:
     """How DL-QAT trains the group magnitudes ``m`` and the LoRA factors ``A``, ``B`` (see :mod:`lowbit.qat`)."""
 
-    steps: int = 200              # optimizer steps
-    lora_rank: int = 8            # r: A is (r, n), B is (m, r)
-    lr: float = 1e-3              # AdamW peak learning rate (weight decay 0: it would pull m toward 0)
-    distill: bool = False         # loss = KL(teacher ‖ student) on the FP model's logits instead of next-token CE
-    grad_accum: int = 1           # micro-batches per optimizer step
-    batch_size: int = 4           # windows per micro-batch (window length = CalibConfig.seqlen)
-    warmup: int = -1              # linear warm-up steps; -1 = 5 % of steps (at least 1); then cosine decay to 0
-    save_every: int = 0           # checkpoint the trainable tensors every K steps into OUT.work/ (0 = never)
-    init: str = "rtn"             # grid and W0: "rtn" (W0 = float weights), "gptq" (W0 = GPTQ's Ŵ) or the
-    #                               folder of a lowbit int checkpoint of the same model (W0 = its Ŵ, e.g. a saved GPTQ run)
-    train_text: str | None = None  # training text (lowbit.data.read_text); None = the calibration source (--calib)
-    seed: int = 0                 # LoRA init and window sampling (private generators; the global RNG is untouched)
-    resume: bool = False          # continue from the latest checkpoint in OUT.work/ if there is one
-    max_grad_norm: float = 1.0    # gradient clipping (0 = off)
+    steps: int = option(200, "DL-QAT: optimizer steps")
+    lora_rank: int = option(8, "DL-QAT: LoRA rank r (A is (r, n), B is (m, r))")
+    lr: float = option(1e-3, "DL-QAT: AdamW peak learning rate (weight decay 0: it would pull m toward 0)")
+    distill: bool = option(False, "DL-QAT: loss = KL to the FP model's logits instead of next-token CE")
+    grad_accum: int = option(1, "DL-QAT: micro-batches of --batch-size windows (default 4) per step")
+    batch_size: int = 4           # windows per micro-batch (window length = CalibConfig.seqlen; the CLI's --batch-size)
+    warmup: int = option(-1, "DL-QAT: linear warm-up steps, then cosine decay to 0 (default 5% of --steps)")
+    save_every: int = option(0, "DL-QAT: checkpoint the trainable tensors every K steps into OUT.work/ (0 = never)")
+    init: str = option("rtn", "DL-QAT: grid and W0 from rtn (W0 = float weights), gptq (W0 = GPTQ's Ŵ) or the "
+                              "folder of a lowbit int checkpoint of the same model")
+    train_text: str | None = option(None, "DL-QAT: training text (default: --calib, i.e. the calibration plays)")
+    seed: int = 0                 # LoRA init and window sampling (private generators; the CLI's --seed)
+    resume: bool = False          # continue from the latest checkpoint in OUT.work/ if there is one (the CLI's --resume)
+    max_grad_norm: float = option(1.0, "DL-QAT: gradient clipping (0 = off)")
 
     def __post_init__(self):
         checks = (("--steps", self.steps >= 1, "must be >= 1"),
@@ -50,6 +51,12 @@ class QATConfig:
                 raise LowbitError(f"{flag} {value} {why}")
         if self.init not in ("rtn", "gptq") and not (Path(self.init) / "lowbit.json").is_file():
             raise LowbitError(f"--init {self.init!r}: choose rtn, gptq or a lowbit checkpoint folder")
+
+    @classmethod
+    def from_flags(cls, given: dict, calib) -> "QATConfig":
+        """From the DL-QAT flags the user gave (``given``) and the shared ``--seed`` / ``--batch-size``
+        (:class:`lowbit.config.CalibConfig`; its 0 = auto keeps the default 4)."""
+        return cls(**given, seed=calib.seed, **({"batch_size": calib.batch_size} if calib.batch_size else {}))
 
     @property
     def warmup_steps(self) -> int:

@@ -11,14 +11,10 @@ import torch
 from torch import nn
 
 from ..models.arch import ArchSpec, blocks_of, linears_of
+from ..models.modules import replace_module
 from ..packed.qlinear import QuantLinear
 from ..packed.qweight import GroupQuantWeight
 from .fakequant import FakeQuantLinear
-
-
-def _set(root: nn.Module, dotted: str, new: nn.Module) -> None:
-    parent, _, leaf = dotted.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
 def wrap(model: nn.Module, spec: ArchSpec, inits: dict[str, tuple[GroupQuantWeight, torch.Tensor]], rank: int,
@@ -39,7 +35,7 @@ def wrap(model: nn.Module, spec: ArchSpec, inits: dict[str, tuple[GroupQuantWeig
             mod = FakeQuantLinear(w0.cpu(), None if lin.bias is None else lin.bias.cpu(), packed.scales.float(),
                                   packed.zeros(), packed.column_groups(), packed.bits, packed.group_size, rank, gen,
                                   sym=packed.sym).to(device)
-            _set(block, name, mod)
+            replace_module(block, name, mod)
             out[full] = mod
     return out
 
@@ -73,6 +69,6 @@ def export(model: nn.Module, modules: dict[str, FakeQuantLinear]) -> dict[str, t
     results = {}
     for full, mod in modules.items():
         packed, info = mod.export()
-        _set(model, full, QuantLinear(packed, mod.bias).to(mod.w0.device))
+        replace_module(model, full, QuantLinear(packed, mod.bias).to(mod.w0.device))
         results[full] = (packed, info)
     return results

@@ -1,6 +1,6 @@
 """Fast exact E8P encoding by E8 lattice decoding (Conway & Sloane), with :func:`e8p.encode` as the fallback.
 
-Every E8P codeword is ``z + ¼·1`` with ``z ∈ E8 = D8 ∪ D̂8`` (see :mod:`.e8p`), so the codebook is a finite
+Every E8P codeword is ``z + ¼·1`` with ``z ∈ E8 = D8 ∪ D̂8`` (see :mod:`lowbit.packed.codebooks`), so the codebook is a finite
 subset of the shifted lattice ``E8 + ¼``.  For x (..., 8):
 
 1. ``z = nearest E8 point of (x − ¼)``: the D8 decoder (round every coordinate; if the sum is odd, re-round the

@@ -19,7 +19,8 @@ from __future__ import annotations
 import datetime
 import shlex
 
-from ..config import QuantConfig
+from ..config import QuantConfig, applicable
+from ..errors import LowbitError
 from .collect import Entry, cloze_settings, delta_pct, pareto_front
 from .reproduce import quantize_command
 
@@ -47,12 +48,17 @@ def fmt_delta(d) -> str:
 
 
 def config_summary(e: Entry) -> str:
-    """``w4 g64 asym`` plus every setting that differs from :class:`QuantConfig`'s defaults."""
+    """``w4 g64 asym`` plus every setting that applies to the method and differs from its defaults
+    (:class:`QuantConfig` of that method)."""
     if e.kind == "fp":
         return "float"
-    c, defaults = e.config, QuantConfig().to_json()
+    c = applicable(e.config or {}, e.method)
     if "bits" not in c:
         return DASH
+    try:
+        defaults = QuantConfig(method=e.method or c.get("method") or "gptq").to_json()
+    except LowbitError:  # a method this lowbit does not know: only its grid
+        defaults = {}
     g = c.get("group_size")
     parts = [f"w{c['bits']}", "per-row" if g == -1 else f"g{g}", "sym" if c.get("sym") else "asym"]
     for k, v in c.items():

@@ -1,15 +1,15 @@
 """The ``lowbit quantize`` command that rebuilds a checkpoint, generated from its saved settings.
 
 Nothing here lists flags by hand: the command is derived from lowbit's own parser
-(:func:`lowbit.cli.build_parser`) and checked against it.  The saved sections of ``lowbit.json`` are
-``config`` (:class:`lowbit.config.QuantConfig`), ``calibration`` (:class:`lowbit.config.CalibConfig`,
-``None`` for RTN) and ``qat`` (:class:`lowbit.qat.config.QATConfig`, DL-QAT only).  For every option of
-``lowbit quantize`` the setting it feeds is found by name (``--beta`` → ``beta``; ``--no-static-groups``
-→ ``static_groups`` inverted; ``--calib`` → ``source``, ``--calib-dtype`` → ``dtype``, ``--one-shot`` →
-``squeeze_staged`` inverted) and the flag is written when the saved value differs from what the
-parser's defaults give for that method.  The command is then parsed back and turned into configs the
-way ``lowbit quantize`` does (:func:`lowbit.cli.quantize_configs`); settings that still differ (a field
-no flag sets) are returned so the report can say so instead of printing a wrong command.
+(:func:`lowbit.cli.build_parser`, itself generated from the settings' dataclasses) and checked against it.
+The saved sections of ``lowbit.json`` are ``config`` (:class:`lowbit.config.QuantConfig`: the grid and the
+method's options; an old ``lowbit.json`` listed every method's settings, the ones that do not apply are
+dropped), ``calibration`` (:class:`lowbit.config.CalibConfig`, ``None`` for RTN) and ``qat``
+(:class:`lowbit.qat.config.QATConfig`, DL-QAT only).  Every option of ``lowbit quantize`` stores into the
+setting of its name (``dest``), so a flag is written when the saved value differs from what the method's
+defaults give.  The command is then parsed back and turned into configs the way ``lowbit quantize`` does
+(:func:`lowbit.cli.quantize_configs`); settings that still differ (a field no flag sets) are returned so the
+report can say so instead of printing a wrong command.
 """
 from __future__ import annotations
 
@@ -22,27 +22,32 @@ import shlex
 from ..errors import LowbitError
 
 SECTIONS = ("config", "calibration", "qat")
-_ALIASES = {"calib": ("source", False), "calib_dtype": ("dtype", False), "one_shot": ("squeeze_staged", True)}
-_NOT_SETTINGS = {"help", "model", "out", "json", "quiet", "device", "trust_remote_code", "method"}
+_NOT_SETTINGS = {"help", "model", "out", "json", "quiet", "device", "trust_remote_code", "method", "force"}
 _DERIVED = {"calibration": ("fingerprint",)}  # recorded facts about the data, not settings
 
 
 @functools.lru_cache(maxsize=1)
 def quantize_parser() -> argparse.ArgumentParser:
-    """The ``quantize`` subparser of lowbit's command line (built once)."""
+    """The ``quantize`` subparser of lowbit's command line (built once, its deferred flags added)."""
     from ..cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return sub.choices["quantize"]
+    return sub.choices["quantize"].ready()
 
 
 def saved_settings(meta: dict) -> dict:
-    """``{"config": …, "calibration": … or None, "qat": … or None}`` of a ``lowbit.json`` (derived facts removed)."""
+    """``{"config": …, "calibration": … or None, "qat": … or None}`` of a ``lowbit.json`` (derived facts and
+    settings that do not apply to its method removed)."""
+    from ..config import applicable, known_settings
+
     out = {}
     for s in SECTIONS:
         v = meta.get(s)
         out[s] = {k: x for k, x in v.items() if k not in _DERIVED.get(s, ())} if isinstance(v, dict) else None
+    if out["config"] is not None:  # a setting no method knows (a newer lowbit's) stays, to be named as missing
+        cfg, known = out["config"], known_settings()
+        out["config"] = {**applicable(cfg, meta.get("method")), **{k: v for k, v in cfg.items() if k not in known}}
     return out
 
 
@@ -60,26 +65,18 @@ def settings_of(argv: list[str], with_calibration: bool = True) -> dict:
             "qat": qat.to_json() if qat is not None else None}
 
 
-def _setting_of(dest: str, saved: dict) -> tuple[str, str, bool] | None:
-    """``(section, field, inverted)`` of the saved setting an option's ``dest`` feeds, or None."""
-    field, inverted = _ALIASES.get(dest, (dest, False))
-    if dest not in _ALIASES and dest.startswith("no_"):
-        field, inverted = dest[3:], True
-    for s in SECTIONS:
-        if saved.get(s) and field in saved[s]:
-            return s, field, inverted
-    return None
+def _section_of(dest: str, saved: dict) -> str | None:
+    """The saved section that holds the setting ``dest``, or None."""
+    return next((s for s in SECTIONS if saved.get(s) and dest in saved[s]), None)
 
 
-def _flag(action: argparse.Action, value, inverted: bool) -> list[str]:
-    """The command-line words that make ``action`` give ``value`` (``[]`` when it cannot)."""
+def _flag(action: argparse.Action, value) -> list[str]:
+    """The command-line words that make ``action`` store ``value`` (``[]`` when it cannot)."""
     opt = next(o for o in action.option_strings if o.startswith("--"))
     if isinstance(action, argparse.BooleanOptionalAction):
-        if isinstance(value, bool):
-            return [opt if value != inverted else "--no-" + opt[2:]]
-        return []
-    if action.nargs == 0:  # store_true / store_const
-        return [opt] if value is (not inverted) else []
+        return [opt if value else "--no-" + opt[2:]] if isinstance(value, bool) else []
+    if action.nargs == 0:  # store_true / store_false / store_const
+        return [opt] if value is action.const else []
     if value is None or isinstance(value, (dict, list)):
         return []
     text = str(value)
@@ -94,31 +91,29 @@ def rebuild_args(meta: dict) -> tuple[list[str], list[str]]:
     method = str(meta.get("method") or cfg.get("method") or "gptq")
     calibrated = saved["calibration"] is not None
     argv = [model, "--method", method]
+    parser = quantize_parser()
     for key, flag in (("bits", "--bits"), ("group_size", "--group-size")):
         if key in cfg:
-            argv += _flag(quantize_parser()._option_string_actions[flag], cfg[key], False)
+            argv += _flag(parser._option_string_actions[flag], cfg[key])
     if calibrated:
-        argv += ["--calib", str(saved["calibration"].get("source", "default"))]
+        argv += _flag(parser._option_string_actions["--calib"], saved["calibration"].get("source", "default"))
     try:
         default = settings_of([model, "--method", method], calibrated)
     except LowbitError:
         return argv, ["method"]
     emitted = {"method", "bits", "group_size", "source"}
-    for action in quantize_parser()._actions:
-        if not action.option_strings or action.dest in _NOT_SETTINGS:
+    for action in parser._actions:
+        if not action.option_strings or action.dest in _NOT_SETTINGS or action.dest in emitted:
             continue
-        where = _setting_of(action.dest, saved)
-        if where is None:
+        s = _section_of(action.dest, saved)
+        if s is None:
             continue
-        s, field, inverted = where
-        if field in emitted:
-            continue
-        value = saved[s][field]
-        if value != (default[s] or {}).get(field):
-            words = _flag(action, value, inverted)
+        value = saved[s][action.dest]
+        if value != (default[s] or {}).get(action.dest):
+            words = _flag(action, value)
             if words:
                 argv += words
-                emitted.add(field)
+                emitted.add(action.dest)
     try:
         got = settings_of(argv, calibrated)
     except LowbitError:

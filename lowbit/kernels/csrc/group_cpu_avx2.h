@@ -1,8 +1,6 @@
-"""C++ source of the AVX2 fp32 path of the group-wise int CPU kernel (CPUs without AVX-512).
-
-Spliced into :mod:`.group_cpu_src` at ``@AVX2@``; compiled only where ``LOWBIT_AVX2`` is defined."""
-
-AVX2_PART = r"""#ifdef LOWBIT_AVX2
+// Part of group_cpu.cpp (included there, not a standalone header): the AVX2 fp32 path of the group-wise
+// int kernel for CPUs without AVX-512; compiled only where LOWBIT_AVX2 is defined.
+#ifdef LOWBIT_AVX2
 // 8 consecutive codes occupy exactly b bytes starting at byte b*c (c = chunk of 8 columns): one 16-byte
 // load (copied through a buffer at the end of a row) + broadcast to both 128-bit lanes + in-lane byte
 // shuffle + per-lane variable shift + AND gives them as int32 lanes, for every width b = 1..8.
@@ -63,4 +61,3 @@ inline float row_dot8(const Layout& L, const Unpacker8& U, const uint8_t* row, c
   return hsum8(tot);
 }
 #endif
-"""

@@ -1,37 +1,34 @@
-"""C++ source of the int8-activation decode path of the group-wise int CPU kernel (AVX2 integer dot products).
-
-Spliced into :mod:`.group_cpu_src` at ``@Q8@``; compiled where the CPU has AVX2 + FMA (``LOWBIT_Q8``).
-
-The math, for one token ``x`` (n,) and one weight row ``i`` (codes ``q``, group scales ``s_g``, zeros ``z_g``):
-``x`` is cut into blocks of ``QB`` columns (32; 64 for 2-bit codes), each rounded to int8 with its own
-scale ``d_c = max|x_c| / 127``, ``xq = round(x / d_c)`` (half to even), so ``x̂ = d_c·xq``.  Then
-
-    y_i = Σ_g s_g · ( Σ_{c∈g} d_c · Σ_{j∈c} (q_ij − o)·xq_j  −  (z_g − o) · Σ_{c∈g} d_c Σ_{j∈c} xq_j )
-
-is exactly ``x̂ · Ŵ_i`` (the integer sums are exact; only the fp32 accumulation order differs), with
-``o = 128`` for 8-bit codes (so ``q − o`` fits int8) and ``o = 0`` otherwise.  ``Σ (q − o)·xq`` runs
-on ``_mm256_maddubs_epi16`` (u8 × s8 → pairs summed to int16, no overflow: 2·15·127, 2·7·127, 2·3·127,
-2·128·127 < 2¹⁵) and ``_mm256_madd_epi16`` with ones (→ int32).
-
-Unpacking without moving weights: 4-bit codes ``2k, 2k+1`` share byte ``k`` (low, high nibble), so the
-16 low nibbles and the 16 high nibbles of a 16-byte load are codes ``0, 2, …, 30`` and ``1, 3, …, 31``; the
-activations of each block are permuted once per call to that order.  2-bit: the four 2-bit fields of
-byte ``k`` are codes ``4k … 4k+3``, so a block of 64 becomes four 16-lane vectors (codes ``4r + f``).
-8-bit: bytes are codes.
-3-bit: the 32 codes of a block are the 96-bit little-endian stream of its 3 words (12 bytes; code ``k`` at bits
-``3k … 3k+2``, so at bit ``3k mod 8`` of byte ``3k >> 3``), broadcast to both 128-bit halves.  Without a
-shift, 20 codes (``k mod 8 ∈ {0, 1, 3, 4, 6}``: bit 0, 3, 1, 4, 2 of their byte) are a byte shuffle and a mask
-away, each left at bit ``t ≤ 4`` of its byte (the mask ``7 << t``); the other 12 (bit 6, 7: straddling two
-bytes; bit 5) are moved by a second shuffle as 2-byte windows into 32-bit lanes (two per lane), shifted right
-by 5 (one immediate shift for all) and masked, which leaves them at ``t = 1, 2, 0``.  Each pair of bytes that
-``_mm256_maddubs_epi16`` adds holds two codes with the same ``t`` (``2·7·2⁴·127 < 2¹⁵``), and the
-``_mm256_madd_epi16`` that sums the pairs multiplies them by ``2^(4−t)`` instead of 1, so every block's sum
-comes out as exactly ``16 · Σ q·xq`` (the row's float sum is multiplied by 1/16 at the end: exact).  The codes'
-order in the vector (``Q3_PERM``) is the activations' order.  The 16-byte load of a block reads 4 bytes past
-it: the last row is read from a padded copy.
-"""
-
-Q8_PART = r"""#if defined(__AVX2__) && defined(__FMA__)
+// Part of group_cpu.cpp (included there, not a standalone header): the int8-activation decode path
+// (AVX2 integer dot products), compiled where the CPU has AVX2 + FMA (LOWBIT_Q8).
+//
+// The math, for one token x (n,) and one weight row i (codes q, group scales s_g, zeros z_g):
+// x is cut into blocks of QB columns (32; 64 for 2-bit codes), each rounded to int8 with its own
+// scale d_c = max|x_c| / 127, xq = round(x / d_c) (half to even), so x̂ = d_c·xq.  Then
+//
+//     y_i = Σ_g s_g · ( Σ_{c∈g} d_c · Σ_{j∈c} (q_ij − o)·xq_j  −  (z_g − o) · Σ_{c∈g} d_c Σ_{j∈c} xq_j )
+//
+// is exactly x̂ · Ŵ_i (the integer sums are exact; only the fp32 accumulation order differs), with
+// o = 128 for 8-bit codes (so q − o fits int8) and o = 0 otherwise.  Σ (q − o)·xq runs
+// on _mm256_maddubs_epi16 (u8 × s8 → pairs summed to int16, no overflow: 2·15·127, 2·7·127, 2·3·127,
+// 2·128·127 < 2¹⁵) and _mm256_madd_epi16 with ones (→ int32).
+//
+// Unpacking without moving weights: 4-bit codes 2k, 2k+1 share byte k (low, high nibble), so the
+// 16 low nibbles and the 16 high nibbles of a 16-byte load are codes 0, 2, …, 30 and 1, 3, …, 31; the
+// activations of each block are permuted once per call to that order.  2-bit: the four 2-bit fields of
+// byte k are codes 4k … 4k+3, so a block of 64 becomes four 16-lane vectors (codes 4r + f).
+// 8-bit: bytes are codes.
+// 3-bit: the 32 codes of a block are the 96-bit little-endian stream of its 3 words (12 bytes; code k at bits
+// 3k … 3k+2, so at bit 3k mod 8 of byte 3k >> 3), broadcast to both 128-bit halves.  Without a
+// shift, 20 codes (k mod 8 ∈ {0, 1, 3, 4, 6}: bit 0, 3, 1, 4, 2 of their byte) are a byte shuffle and a mask
+// away, each left at bit t ≤ 4 of its byte (the mask 7 << t); the other 12 (bit 6, 7: straddling two
+// bytes; bit 5) are moved by a second shuffle as 2-byte windows into 32-bit lanes (two per lane), shifted right
+// by 5 (one immediate shift for all) and masked, which leaves them at t = 1, 2, 0.  Each pair of bytes that
+// _mm256_maddubs_epi16 adds holds two codes with the same t (2·7·2⁴·127 < 2¹⁵), and the
+// _mm256_madd_epi16 that sums the pairs multiplies them by 2^(4−t) instead of 1, so every block's sum
+// comes out as exactly 16 · Σ q·xq (the row's float sum is multiplied by 1/16 at the end: exact).  The codes'
+// order in the vector (Q3_PERM) is the activations' order.  The 16-byte load of a block reads 4 bytes past
+// it: the last row is read from a padded copy.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(LOWBIT_NO_AVX2)
 #include <cmath>
 #define LOWBIT_Q8 1
 namespace {
@@ -202,4 +199,3 @@ at::Tensor gemm_q8(at::Tensor x, at::Tensor qweight, at::Tensor scales, at::Tens
   return (out_dtype == at::kFloat ? y : y.to(out_dtype)).view(out_shape);
 }
 #endif
-"""

@@ -1,11 +1,8 @@
-"""C++ of the AVX-512 BF16 decode path of the group-wise int kernel (spliced into :mod:`.group_cpu_src`).
-
-For ``b ≤ 7`` bits and contiguous groups of a multiple of 32 columns every 32 codes become the exact
-bf16 values ``1 + q/2^b`` and meet ``x`` (split into 1–3 bf16 parts that sum to it exactly) in
-``vdpbf16ps``, 32 multiply-adds per instruction, fp32 accumulation.
-"""
-
-BF16_PART = r"""
+// Part of group_cpu.cpp (included there, not a standalone header): the AVX-512 BF16 decode path.
+//
+// For b ≤ 7 bits and contiguous groups of a multiple of 32 columns every 32 codes become the exact
+// bf16 values 1 + q/2^b and meet x (split into 1–3 bf16 parts that sum to it exactly) in
+// vdpbf16ps, 32 multiply-adds per instruction, fp32 accumulation.
 #ifdef LOWBIT_BF16
 // 32 codes (b <= 7 bits) of chunk c (columns 32c…32c+31, exactly 4b bytes) as the exact bf16 values
 // 1 + q/2^b: the bit pattern is 0x3F80 | q << (7 - b) (q fills the top of the 7-bit mantissa), so no
@@ -82,4 +79,3 @@ inline void split_bf16(const float* x, int64_t npad, int S, uint16_t* out) {
   }
 }
 #endif
-"""

@@ -1,38 +1,36 @@
-"""C++ source of the group-wise int CPU kernel (compiled at first use by :mod:`lowbit.kernels.group_cpu`).
-
-Kept as a Python string so it ships inside the package without package-data settings.  The bf16
-dot-product part lives in :mod:`.group_cpu_bf16_src`, the AVX2 part in
-:mod:`.group_cpu_avx2_src`, the int8-activation decode path in :mod:`.group_cpu_q8_src`."""
-
-from .group_cpu_avx2_src import AVX2_PART
-from .group_cpu_bf16_src import BF16_PART
-from .group_cpu_q8_src import Q8_PART
-
-_SOURCE = r"""
 // lowbit group-wise integer kernels for the CPU, reading the canonical packed layout directly.
 // W (m, n): qweight int32 (m, ceil(n/32)*b) little-endian bit stream per row, scales fp16 (m, G),
 // qzeros int32 (G, ceil(m/32)*b) or empty (symmetric: z = 2^(b-1)), g_idx int32 (n) or empty
 // (contiguous groups g(j) = j / gs).   W^[i, j] = s[i, g(j)] * (q[i, j] - z[i, g(j)]).
 //
 // gemm:        y (M, m) = x (M, n) @ W^T, x/y any float dtype, fp32 accumulation (small M: decode);
-//              the bf16 dot-product path (group_cpu_bf16_src) where it applies, else the fp32 path:
+//              the bf16 dot-product path (group_cpu_bf16.h) where it applies, else the fp32 path:
 // dequantize:  W^ (m, n) fp32, bit-identical to the torch reference s * (q - z).
 // 16 consecutive codes occupy exactly 2b bytes starting at byte 2*b*c (c = chunk of 16 columns), so
 // one masked 16-byte load + broadcast + in-lane byte shuffle + per-lane variable shift + AND gives
 // 16 codes as int32 lanes, for every width b = 1..8.  Chunks inside one group accumulate
 // sum (q - z) x per group and are scaled once per group; chunks spanning groups (gs % 16 != 0) and
 // g_idx layouts gather per-lane scales and zeros.
+// gemm_q8:     the int8-activation decode path (group_cpu_q8.h, AVX2).
+//
+// Variants, chosen by the preprocessor from what the compiler targets (-march=native) and these build-time
+// defines (tests build them to check every path on one machine):
+//   LOWBIT_NO_AVX512  build as for a CPU without AVX-512 (the AVX2 path and gemm_q8);
+//   LOWBIT_NO_AVX2    build as for a CPU without AVX2 either (the portable scalar loops only).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <vector>
 #include <algorithm>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(LOWBIT_NO_AVX2) && !defined(LOWBIT_NO_AVX512)
+#define LOWBIT_NO_AVX512 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(LOWBIT_NO_AVX512)
 #include <immintrin.h>
 #define LOWBIT_AVX512 1
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 #define LOWBIT_BF16 1  // bf16 dot products: 32 weights per instruction
 #endif
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(LOWBIT_NO_AVX2)
 #include <immintrin.h>
 #include <cstring>
 #define LOWBIT_AVX2 1  // 8-lane fp32 path for CPUs without AVX-512 (contiguous groups, gs % 8 == n % 8 == 0)
@@ -139,10 +137,10 @@ inline float row_dot(const Layout& L, const Unpacker& U, const uint8_t* row, con
   return _mm512_reduce_add_ps(tot);
 }
 
-@BF16@
+#include "group_cpu_bf16.h"
 #endif
 
-@AVX2@
+#include "group_cpu_avx2.h"
 void row_scalar(const Layout& L, int64_t i, const float* sf, const float* zf, const float* x, int64_t ldx,
                 int64_t T, float* out, int64_t ldo) {
   const uint8_t* row = L.qw + i * L.row_bytes;
@@ -310,7 +308,7 @@ at::Tensor dequantize(at::Tensor qweight, at::Tensor scales, at::Tensor qzeros, 
   return w;
 }
 
-@Q8@
+#include "group_cpu_q8.h"
 bool has_q8() {
 #ifdef LOWBIT_Q8
   return true;
@@ -354,6 +352,3 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_avx2", &has_avx2, "whether the AVX2 path (CPUs without AVX-512) was compiled");
   m.def("has_bf16", &has_bf16, "whether the AVX-512 BF16 dot-product path was compiled");
 }
-"""
-
-SOURCE = _SOURCE.replace("@BF16@", BF16_PART).replace("@AVX2@", AVX2_PART).replace("@Q8@", Q8_PART)

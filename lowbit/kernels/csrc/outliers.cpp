@@ -1,11 +1,8 @@
-"""C++ source of the sparse part of GWQ's ``"int+outliers"`` weights (see :mod:`.outliers`).
-
-``csr_add_(y, x, rowptr, col, val)``: ``y[t, i] += Σ_{k = rowptr[i]}^{rowptr[i+1]−1} val[k] · x[t, col[k]]``
-for ``x`` (T, n) fp32, ``y`` (T, m) fp32, ``rowptr`` int32 (m + 1,), ``col`` int16 or int32 (nnz,),
-``val`` fp16 (nnz,) — the stored CSR tensors as they are, rows shared out over threads.
-"""
-
-SOURCE = r"""
+// lowbit: the sparse part of GWQ's "int+outliers" weights (see lowbit/kernels/outliers.py).
+//
+// csr_add_(y, x, rowptr, col, val): y[t, i] += Σ_{k = rowptr[i]}^{rowptr[i+1]−1} val[k] · x[t, col[k]]
+// for x (T, n) fp32, y (T, m) fp32, rowptr int32 (m + 1,), col int16 or int32 (nnz,),
+// val fp16 (nnz,) — the stored CSR tensors as they are, rows shared out over threads.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cstdint>
@@ -50,4 +47,3 @@ void csr_add_(torch::Tensor y, torch::Tensor x, torch::Tensor rowptr, torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("csr_add_", &csr_add_, "y += x S^T for a CSR matrix S (int32 rowptr, int16/int32 col, fp16 val)");
 }
-"""

@@ -1,8 +1,3 @@
-"""C++ source of the QuIP# (E8P) CPU kernel (compiled at first use by :mod:`lowbit.kernels.quip_cpu`).
-
-Kept as a Python string so it ships inside the package without package-data settings."""
-
-SOURCE = r"""
 // lowbit QuIP# kernels for the CPU: y (M, m) = x (M, n) @ W~^T with the rotated weight
 // W~ = sum_k scales[k] * C_k decoded on the fly from the stored codes (never materialised for small M).
 // Stage 1: E8P codes int16 (m, n/8).  Stage 2 (optional): the 8-bit E8 residual codes uint8 (m, n/8)
@@ -10,7 +5,7 @@ SOURCE = r"""
 //
 // E8P code c (16 bits): i = c & 255 the abs pattern, sig = (c >> 8) & 127 the signs of coords 0..6,
 // t = c >> 15 the shift (0: +1/4, 1: -1/4); sign of coord 7 = (parity(i) + popcount(sig)) & 1.
-// Tables prepared by the Python side (so the codebook has one definition, lowbit.quip.e8p):
+// Tables prepared by the Python side (so the codebook has one definition, lowbit.packed.codebooks):
 //   A (256, 8) fp32: abs patterns with coord 7 negated where parity(i) is odd,
 //   S (128, 8) int32: sign-bit XOR masks of sig, coord 7 = popcount(sig) & 1,
 //   R (256, 8) fp32: the residual codebook.
@@ -22,7 +17,7 @@ SOURCE = r"""
 //           1/4 * sum_c (+-1) * sum(x_chunk) is accumulated in a separate pass from precomputed chunk sums of
 //           x (8 codes per AVX2 step: the int16 sign bit is t); each stage is scaled once per row.
 //           Scalar loop (same tables) where the CPU has no AVX2+FMA, or when asked (tests).
-// rht:      the Hadamard RHT of lowbit.quip.hadamard in one call (see below).
+// rht:      the Hadamard RHT of lowbit.packed.rht in one call (see below).
 // rotated:  W~ (m, n) fp32, bit-identical to the torch reference  0 + s0 * C0 (+ s1 * C1)  (the module is
 //           built with -ffp-contract=off so the multiply and the add are never fused).
 #include <torch/extension.h>
@@ -297,7 +292,7 @@ at::Tensor rotated(at::Tensor codes, at::Tensor codes2, at::Tensor scales, int64
   return w;
 }
 
-// The orthonormal Hadamard transform of lowbit.quip.hadamard (n = K * P, P a power of two) over the rows of
+// The orthonormal Hadamard transform of lowbit.packed.rht (n = K * P, P a power of two) over the rows of
 // x (M, n) fp32, with the RHT signs: forward  T(s * x),  inverse  s * T^T x  (signs empty: no sign step).
 // T x = (H_K (x) H_P) x / sqrt(n): fast Walsh-Hadamard butterflies within each block of P, then H_K (H^T for
 // the inverse) across the K blocks.  The same operations as the torch version, in one call (the torch
@@ -360,4 +355,3 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rht", &rht, "orthonormal Hadamard RHT over the rows of x (forward T(s*x), inverse s*T^T x)");
   m.def("has_avx2", &has_avx2, "whether the AVX2 path was compiled");
 }
-"""

@@ -1,8 +1,3 @@
-"""C++ source of Squeeze10's mixed binary / high-bit CPU kernel (compiled at first use by :mod:`lowbit.kernels.mixed_cpu`).
-
-Kept as a Python string so it ships inside the package without package-data settings."""
-
-SOURCE = r"""
 // lowbit kernels for MixedBinaryWeight (kind "bin+int"), reading the stored tensors as they are.
 // W (m, n), group size gs, G = ceil(n/gs) cells per row, w = b - 1 rest bits:
 //   qsign int32 (m, ceil(n/32))  bit plane t (little-endian bit stream per row),
@@ -458,4 +453,3 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequantize", &dequantize, "W^ (m, n) fp32 from a packed mixed binary / high-bit weight (bit-identical)");
   m.def("has_avx2", &has_avx2, "whether the AVX2 path was compiled");
 }
-"""
