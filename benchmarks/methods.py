@@ -1,4 +1,5 @@
-"""GPTQ vs FOEM (both pull-backs, β sweep) vs GWQ (each saliency) on the demo model (issue #3).
+"""GPTQ vs FOEM (both pull-backs, β sweep) vs GWQ (each saliency) on the demo model (issue #3), and
+RTN vs AWQ+RTN vs AWQ+GPTQ (issue #15).
 
 Every configuration runs through the real CLI in its own process (see ``common.py``), at each
 ``--bits`` with group size ``--group-size``: ppl on the evaluation plays, bits/weight, quantize
@@ -20,6 +21,9 @@ def configs(bits: int, gs: int, nsamples: int, betas: list[float], saliencies: l
         out += [(f"FOEM w{bits}g{gs} {pullback} β={b:g}", ["--method", "foem", "--beta", str(b), "--pullback", pullback, *base])
                 for b in betas]
     out += [(f"GWQ w{bits}g{gs} 1% {s}", ["--method", "gwq", "--saliency", s, *base]) for s in saliencies]
+    out += [(f"RTN w{bits}g{gs}", ["--method", "rtn", "--bits", str(bits), "--group-size", str(gs)]),
+            (f"AWQ+RTN w{bits}g{gs}", ["--method", "awq", *base]),
+            (f"AWQ+GPTQ w{bits}g{gs}", ["--method", "awq", "--awq-solver", "gptq", *base])]
     return out
 
 

@@ -5,6 +5,12 @@ solve order, grouped by shared input (q/k/v read the same normed hidden state, s
 Hessian).  Families without a spec fall back to discovery: the longest ``ModuleList`` of identical
 modules that contain linears; the linears are then grouped by the calibration runner, which watches
 one forward pass of the first block (linears reading the same tensor form a group, in call order).
+
+``scales`` (AWQ's mappings, :mod:`lowbit.methods.awq`): a module whose output channels feed some linears
+directly, or through an elementwise op that commutes with positive per-channel scales (attention's
+weighted sum of v, ``act(gate)·up``, ReLU), and those linears: a scale ``s`` folds exactly into them,
+the module's output channels ÷ ``s``, the linears' input columns × ``s``.  A linear → linear mapping
+applies only when the shapes agree (v_proj → o_proj is skipped under grouped-query attention).
 """
 from __future__ import annotations
 
@@ -23,28 +29,51 @@ LLAMA_LIKE: Groups = (
     ("mlp.down_proj",),
 )
 
+Scales = tuple[tuple[str, tuple[str, ...]], ...]  # (norm or linear, the linears its output feeds)
+
+LLAMA_SCALES: Scales = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+GEMMA3_SCALES: Scales = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+OPT_SCALES: Scales = (
+    ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.out_proj",)),
+    ("final_layer_norm", ("fc1",)),
+    ("fc1", ("fc2",)),  # ReLU(x/s) = ReLU(x)/s for s > 0
+)
+
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """``blocks``: dotted path to the decoder blocks; ``groups``: linears per block (None = discover)."""
+    """``blocks``: dotted path to the decoder blocks; ``groups``: linears per block (None = discover);
+    ``scales``: AWQ's mappings (None = not known); ``norm_plus_one``: the RMSNorms multiply by ``1 + w`` (Gemma)."""
 
     blocks: str
     groups: Groups | None = None
+    scales: Scales | None = None
+    norm_plus_one: bool = False
 
 
 SPECS: dict[str, ArchSpec] = {
-    "llama": ArchSpec("model.layers", LLAMA_LIKE),
-    "mistral": ArchSpec("model.layers", LLAMA_LIKE),
-    "qwen2": ArchSpec("model.layers", LLAMA_LIKE),
-    "qwen3": ArchSpec("model.layers", LLAMA_LIKE),
-    "gemma3_text": ArchSpec("model.layers", LLAMA_LIKE),
-    "gemma3": ArchSpec("model.language_model.layers", LLAMA_LIKE),
+    "llama": ArchSpec("model.layers", LLAMA_LIKE, LLAMA_SCALES),
+    "mistral": ArchSpec("model.layers", LLAMA_LIKE, LLAMA_SCALES),
+    "qwen2": ArchSpec("model.layers", LLAMA_LIKE, LLAMA_SCALES),
+    "qwen3": ArchSpec("model.layers", LLAMA_LIKE, LLAMA_SCALES),
+    "gemma3_text": ArchSpec("model.layers", LLAMA_LIKE, GEMMA3_SCALES, norm_plus_one=True),
+    "gemma3": ArchSpec("model.language_model.layers", LLAMA_LIKE, GEMMA3_SCALES, norm_plus_one=True),
     "opt": ArchSpec("model.decoder.layers", (
         ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
         ("self_attn.out_proj",),
         ("fc1",),
         ("fc2",),
-    )),
+    ), OPT_SCALES),
 }
 
 
