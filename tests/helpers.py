@@ -71,22 +71,27 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "opt")
 
 
 def build_tiny_model(family: str, path, text: str):
-    from transformers import AutoModelForCausalLM
-
     tok = make_tokenizer(text)
     cfg = family_config(family, len(tok))
-    gen = torch.random.fork_rng()
-    with gen:
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg)
-        with torch.no_grad():  # larger-than-default weights so quantization error is visible
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0, 0.08)
-    model.eval()
+    model = random_model(cfg)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def random_model(cfg):
+    """A causal LM of config ``cfg`` with seeded random weights (matrices ~ N(0, 0.08²), larger than the default
+    so quantization error is visible), in eval mode; the caller's RNG state is left alone."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.08)
+    return model.eval()
 
 
 def build_wide(path: Path, family: str) -> Path:
@@ -109,14 +114,7 @@ def build_wide(path: Path, family: str) -> Path:
     else:
         cfg = tf.Gemma3TextConfig(**common, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
                                   sliding_window=16)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = tf.AutoModelForCausalLM.from_config(cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0, 0.08)
-    model.eval()
+    model = random_model(cfg)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     (path / "calib.txt").write_text(text)

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import build_wide, llama_cpp_bin
+from helpers import build_wide, llama_cpp_bin, random_model
 
 import lowbit
 from lowbit.config import QuantConfig
@@ -60,14 +60,7 @@ def q8_gguf(tmp_path_factory):
     path = build_wide(root / "m", "llama")
     cfg = tf.AutoConfig.from_pretrained(path)
     cfg.num_hidden_layers = LAYERS
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = tf.AutoModelForCausalLM.from_config(cfg)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.dim() == 2:
-                    p.normal_(0, 0.08)
-    model.save_pretrained(path)
+    random_model(cfg).save_pretrained(path)
     lowbit.quantize(str(path), method="rtn", gguf_type="Q8_0", out=root / "q8", progress=False)
     export_gguf(root / "q8", root / "q8.gguf")
     return root / "q8.gguf", path / "calib.txt"
