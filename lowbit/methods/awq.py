@@ -38,6 +38,7 @@ from ..calib.hessian import StopForward, float_rows, window_gram, windows_of
 from ..calib.runner import per_window_linears
 from ..errors import LowbitError
 from ..models.arch import SPECS
+from ..models.modules import run_block
 from ..options import int_range
 from ..solvers import gptq, rtn
 from ..solvers.grid import UniformGrid
@@ -161,11 +162,6 @@ def mappings(block: nn.Module, spec) -> list[tuple[str, tuple[str, ...]]]:
     return out
 
 
-def _run(block: nn.Module, h: torch.Tensor, call: tuple):
-    args, kwargs = call
-    return block(h, *args, **kwargs)
-
-
 @torch.no_grad()
 def collect(block: nn.Module, maps, inputs: list, calls: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``[(a (n,), H (n, n))]`` per mapping: the statistics of its linears' common input over the calibration
@@ -197,7 +193,7 @@ def collect(block: nn.Module, maps, inputs: list, calls: list) -> list[tuple[tor
             try:
                 for h, call in zip(inputs, calls):
                     try:
-                        _run(block, h, call)
+                        run_block(block, h, call)
                     except StopForward:
                         pass
             finally:
