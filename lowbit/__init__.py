@@ -6,6 +6,7 @@ The names are imported on first use, so ``lowbit --help`` and argument errors do
 from ._version import __version__  # noqa: F401
 
 from .errors import LowbitError  # noqa: E402
+from .lazy import lazy
 
 _LAZY = {"quantize": "api", "load": "api", "load_any": "api", "evaluate_ppl": "api", "QuantizeResult": "api",
          "QuantConfig": "config", "CalibConfig": "config", "GridConfig": "config", "Method": "config"}
@@ -14,15 +15,4 @@ __all__ = ["quantize", "load", "load_any", "evaluate_ppl", "QuantizeResult", "Qu
            "GridConfig", "Method", "LowbitError", "__version__"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy(__name__, _LAZY, __all__)

@@ -29,19 +29,11 @@ Backends (``LOWBIT_KERNELS=…`` or :func:`use_backend`; tests use it to compare
   summation order);
 * ``"reference"`` — the PyTorch reference for everything.
 """
+from ..lazy import lazy
+
 _API = ("matmul", "plan", "plan_key", "kernel_name", "use_backend", "backend", "warm_up", "status_table",
         "KernelStatus", "KERNELS", "BACKENDS")
 __all__ = list(_API)
 
 
-def __getattr__(name: str):
-    if name in _API:
-        from . import dispatch
-
-        value = globals()[name] = getattr(dispatch, name)
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_API))
+__getattr__, __dir__ = lazy(__name__, dict.fromkeys(_API, "dispatch"), _API)
