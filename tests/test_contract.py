@@ -196,6 +196,8 @@ CASES = [
     C("quantize-ft-lr-nan", "quantize {fp} --method quip --finetune --ft-lr nan " + Q, "--ft-lr"),
     C("quantize-lr-inf", "quantize {fp} --method dlqat --lr infinity " + Q, "--lr"),
     C("quantize-damp-not-a-number", "quantize {fp} --damp lots " + Q, "--damp"),
+    C("quantize-option-of-another-method", "quantize {fp} --method gptq --beta 0.3 " + Q, "--beta applies only"),
+    C("quantize-gguf-type-unknown", "quantize {fp} --gguf-type Q7_K_M " + RTN, "--gguf-type Q7_K_M"),
     C("eval-nan-ppl", "eval {tmp}/ck --text {text} --seqlen 32 --max-tokens 64 --json {tmp}/e.json " + Q, "{tmp}/ck",
       ck(tensors=_nan_scales)),
     # --- 4. outputs checked before the work, nothing left behind -----------------------------------------------------
