@@ -29,7 +29,8 @@ from .eval.machine import machine
 from .eval.ppl import evaluate_ppl
 from .methods.base import MethodSpec, RunContext
 from .models.arch import blocks_of, resolve_spec
-from .models.head import quantize_head
+from .models.head import quantize_embeddings, quantize_head
+from .models.rotate import rotate_model
 from .models.sources import check_finite, load_model
 from .packed import checkpoint
 from .solvers.feedback import NotPositiveDefinite
@@ -57,14 +58,15 @@ def _configs(quant: QuantConfig | None, calib: CalibConfig | None, settings: dic
 
 
 def _solve(cfg: QuantConfig, W: torch.Tensor, H: torch.Tensor | None, name: str = "?", n_layers: int | None = None,
-           **extra):
+           gguf_type: str | None = None, **extra):
     """One layer: the method's solver, or a GGUF type's grid with ``gguf_type`` (:mod:`lowbit.gguf.solve`; a
-    preset's per-tensor type depends on the layer's ``name`` and the model's ``n_layers`` blocks)."""
+    preset's per-tensor type depends on the layer's ``name`` and the model's ``n_layers`` blocks; the argument
+    ``gguf_type`` is the layer's type in a ``--target-bpw`` plan)."""
     try:
-        if cfg.gguf_type is not None:
+        if cfg.gguf_type is not None or gguf_type is not None:
             from .gguf.solve import solve as gguf_solve
 
-            return gguf_solve(W, H, cfg, name=name, n_layers=n_layers)
+            return gguf_solve(W, H, cfg, name=name, n_layers=n_layers, gguf_type=gguf_type)
         return methods.get(cfg.method).solve(W, H, cfg, **extra)
     except NotPositiveDefinite as e:
         raise LowbitError(f"layer '{name}': {e}; try more calibration data or a larger --damp") from None
@@ -136,7 +138,7 @@ def _calibrated(ctx: RunContext, method: MethodSpec, source: dict, world_size: i
 
     def solve(W, H, name):
         extra = {"saliency": grads.pop(name, None)} if "gradients" in method.needs else {}
-        return _solve(quant, W, H, name, n_layers, **extra)
+        return _solve(quant, W, H, name, n_layers, ctx.extra.get("gguf_types", {}).get(name), **extra)
 
     checkpoints = None
     if ctx.out is not None and world_size == 1 and method.resume:  # not under torchrun (see _check_resume)
@@ -148,7 +150,8 @@ def _calibrated(ctx: RunContext, method: MethodSpec, source: dict, world_size: i
     prepare = None
     if method.prepare_block is not None:
         def prepare(block, inputs, calls, i):
-            return method.prepare_block(block, inputs, calls, ctx.spec, quant)
+            return method.prepare_block(block, inputs, calls, ctx.spec, quant, prefix=f"{ctx.spec.blocks}.{i}",
+                                        n_layers=n_layers, gguf_types=ctx.extra.get("gguf_types"))  # per-tensor
     return quantize_blocks(ctx.model, ctx.spec, distributed.shard(windows), solve, device=device, dtype=dtype,
                            checkpoints=checkpoints, batch_size=calib.windows_per_batch(),
                            true_sequential=calib.true_sequential, progress=ctx.progress,
@@ -209,19 +212,38 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
         checkpoint.check_out(out, probe=rank == 0, force=force)  # before hours of work, not after
     if resume:
         _check_resume(method, out, world_size)
+    if quant.target_bpw is not None and calib.offload == "disk":
+        raise LowbitError("--target-bpw measures every layer of the float model first; drop --offload disk")
+    if quant.rotate and calib.offload == "disk":
+        raise LowbitError("--rotate needs the whole float model in memory; drop --offload disk (or --rotate)")
     fp_model, tokenizer, source, offload = _load(model, calib, method, quant, trust_remote_code)
     check_finite(fp_model, model)
     spec = resolve_spec(fp_model)
     n_layers = len(blocks_of(fp_model, spec))
+    rotation = rotate_model(fp_model, spec) if quant.rotate else None  # before the method (lowbit.models.rotate)
+    plan = None
+    if quant.target_bpw is not None:  # each linear's GGUF type, from the float model (lowbit.gguf.budget)
+        from .gguf.budget import plan_run
+
+        plan = plan_run(fp_model, tokenizer, spec, quant, calib, device, n_layers,
+                        "calibration" in method.needs_of(quant), progress and rank == 0)
+    types = plan.types if plan is not None else {}
     ctx = RunContext(fp_model, tokenizer, spec, quant, calib, device, progress and rank == 0,
-                     out=out, resume=resume, offload=offload, extra={"qat": qat},
-                     solve=lambda W, H, name: _solve(quant, W, H, name, n_layers))
+                     out=out, resume=resume, offload=offload, extra={"qat": qat, "gguf_types": types},
+                     solve=lambda W, H, name: _solve(quant, W, H, name, n_layers, types.get(name)))
     results = method.run(ctx) if method.run is not None else _calibrated(ctx, method, source, world_size)
     fp_model.to("cpu")
     if quant.head_bits:  # the output head too (data-free RTN; see lowbit.models.head)
         head_name, packed, info = quantize_head(fp_model, quant.head_bits, _solve)
         results[head_name] = (packed, info)
+    if quant.embedding_type not in (None, "F16"):  # the embedding (and head) on a GGUF type (lowbit.models.head)
+        results.update(quantize_embeddings(fp_model, quant, n_layers))
     meta, report = _records(ctx, method, results, source, world_size, t0)
+    if rotation is not None:
+        meta["rotation"] = rotation
+    if plan is not None:
+        meta["gguf_budget"] = plan.finish(results)
+        report["gguf_budget"] = {k: v for k, v in meta["gguf_budget"].items() if k != "measured"}
     saved = None
     if out is not None and rank == 0:
         dtype = torch.bfloat16 if getattr(fp_model.config, "dtype", None) in (torch.bfloat16, "bfloat16") else torch.float16

@@ -152,14 +152,23 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     _write_json(a.json, res.report, force=a.force)
     if not a.quiet:
         r = res.report
-        grid = quant.gguf_type or f"w{quant.bits}g{quant.group_size}"
+        grid = quant.gguf_type or (f"GGUF types for {quant.target_bpw:g} bpw" if quant.target_bpw is not None
+                                   else f"w{quant.bits}g{quant.group_size}")
         print(f"quantized {a.model} with {quant.method.value} {grid}: "
               f"{r['bits_per_weight']:.3f} bits/weight, {r['seconds']:.1f} s, peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB"
               + (f" -> {res.out}" if res.out else ""))
+        if res.meta.get("gguf_budget"):  # the per-layer types --target-bpw chose (lowbit.gguf.budget)
+            from .gguf.budget import summary
+
+            print("  " + summary(res.meta["gguf_budget"]))
         falls = [(n, l["gguf_fallback"]) for n, l in res.meta["layers"].items() if l.get("gguf_fallback")]
         if falls:  # the same rule llama-quantize applies (lowbit.gguf.types.resolve)
             print(f"  {len(falls)} of {len(res.meta['layers'])} layers fell back as llama.cpp does, e.g. "
                   f"{falls[0][0]}: {falls[0][1]}")
+        for n, l in res.meta["layers"].items():  # --embedding-type: the table's type, and why it fell back
+            if l.get("role"):
+                print(f"  {l['role']} ({n}{', also the tied head' if l.get('tied') else ''}): {l['gguf_type']}"
+                      + (f" ({l['gguf_fallback']})" if l.get("gguf_fallback") else ""))
     return 0
 
 
@@ -246,12 +255,17 @@ def cmd_info(a: argparse.Namespace) -> int:
               f"fingerprint {c.get('fingerprint')}")
     print(f"  layers       {len(meta['layers'])} quantized, {meta.get('bits_per_weight', float('nan')):.3f} bits/weight")
     print(f"  size on disk {size / 2**20:.1f} MiB")
+    if meta.get("gguf_budget"):
+        from .gguf.budget import summary
+
+        print(f"  budget       {summary(meta['gguf_budget'])}")
     if a.layers:
         for name, l in meta["layers"].items():
             loss = l.get("loss")
             grid = l["gguf_type"] if "gguf_type" in l else f"b{l.get('bits')} g{l.get('group_size')}"
+            role = f"  ({l['role']}{', tied head' if l.get('tied') else ''})" if l.get("role") else ""
             print(f"  {name:45s} {l.get('kind')} {grid} "
-                  f"{l.get('bits_per_weight', 0):.3f} bpw  loss {loss if loss is None else f'{loss:.4g}'}")
+                  f"{l.get('bits_per_weight', 0):.3f} bpw  loss {loss if loss is None else f'{loss:.4g}'}{role}")
     return 0
 
 

@@ -68,6 +68,18 @@ class GridConfig:
                                          "or a llama.cpp preset (Q4_K_M…, per-tensor types): rtn/gptq/foem on its "
                                          "grid, stored as its blocks; rows it cannot hold fall back as llama.cpp "
                                          "does", metavar="TYPE")
+    embedding_type: str | None = option(None, "store the token embedding (and the output head: the same table when "
+                                              "tied) on this GGUF type, RTN as llama-quantize; auto = llama-quantize's "
+                                              "choice for --gguf-type (the default with a preset); F16 = keep them "
+                                              "float (the default otherwise)", metavar="TYPE")
+    rotate: bool | None = option(None, "fold a seeded Hadamard rotation of the residual stream into the float model "
+                                       "before the method runs (exact; a tied head is untied; lowbit.models.rotate) "
+                                       "(default: on for quip with --gguf-type, off otherwise)", type=bool)
+    target_bpw: float | None = option(None, "choose each linear's GGUF type (from --bpw-candidates) for the least "
+                                            "total proxy error with the GGUF file at most B bits per weight "
+                                            "(lowbit.gguf.budget); instead of --gguf-type", metavar="B", type=float)
+    bpw_candidates: str | None = option(None, "--target-bpw: the GGUF types to choose from, e.g. Q3_K,Q4_K,IQ4_NL "
+                                              "(default Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0)", metavar="TYPES")
 
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
@@ -86,6 +98,31 @@ class GridConfig:
             if self.act_order and not self.static_groups:
                 raise LowbitError("--gguf-type: GGUF has no g_idx, so act-order needs static groups (drop "
                                   "--no-static-groups)")
+        if self.target_bpw is not None or self.bpw_candidates is not None:
+            self._check_budget()
+        if self.embedding_type is not None or self.gguf_type is not None:
+            from .gguf.embedding import check_option
+
+            object.__setattr__(self, "embedding_type", check_option(self))
+
+    def _check_budget(self) -> None:
+        """``--target-bpw`` / ``--bpw-candidates``: a finite positive target, GGUF type names, no ``--gguf-type``."""
+        from .gguf.budget import candidates_of
+
+        if self.target_bpw is None:
+            raise LowbitError("--bpw-candidates applies only with --target-bpw")
+        b = self.target_bpw
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b < float("inf"):
+            raise LowbitError(f"--target-bpw {b!r} must be a positive number of bits per weight")
+        if self.gguf_type is not None:
+            raise LowbitError(f"--target-bpw chooses the types itself: drop --gguf-type {self.gguf_type} (list the "
+                              "types to choose from with --bpw-candidates)")
+        if self.act_order and not self.static_groups:
+            raise LowbitError("--target-bpw: GGUF has no g_idx, so act-order needs static groups (drop "
+                              "--no-static-groups)")
+        object.__setattr__(self, "target_bpw", float(b))
+        if self.bpw_candidates is not None:
+            object.__setattr__(self, "bpw_candidates", ",".join(candidates_of(self.bpw_candidates)))
 
     def group_size_for(self, n: int) -> int:
         """Effective group size for a row of ``n`` columns (per-row when -1 or larger than n)."""
@@ -93,8 +130,11 @@ class GridConfig:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        if d["gguf_type"] is None:  # absent unless used
-            del d["gguf_type"]
+        for k in ("gguf_type", "embedding_type", "target_bpw", "bpw_candidates"):
+            if d[k] is None:  # absent unless used
+                del d[k]
+        if not d["rotate"]:  # absent unless on (QuantConfig.to_json writes false where the method's default is on)
+            del d["rotate"]
         return d
 
 
@@ -119,7 +159,8 @@ def applicable(config: dict, method: str | None = None) -> dict:
     if name not in REGISTRY:
         return dict(config)
     keep = {"method"} | set(_GRID) | {f.name for f in fields(REGISTRY[name].options)}
-    return {k: v for k, v in config.items() if k in keep and not (k == "gguf_type" and v is None)}
+    return {k: v for k, v in config.items()
+            if k in keep and not (k in ("gguf_type", "embedding_type", "target_bpw", "bpw_candidates") and v is None)}
 
 
 def known_settings() -> set[str]:
@@ -175,11 +216,19 @@ class QuantConfig:
         check = getattr(options, "check_grid", None)
         if check is not None:
             check(grid)
+        if grid.rotate is None:  # --rotate not given: the method's default (options.rotate_default(grid)), else off
+            auto = getattr(options, "rotate_default", None)
+            object.__setattr__(grid, "rotate", bool(auto(grid)) if auto is not None else False)
         if grid.gguf_type is not None and not spec.gguf:
             from .methods import REGISTRY
 
             ok = [m.name for m in REGISTRY.values() if m.gguf]
             raise LowbitError(f"--gguf-type applies to --method {', '.join(ok[:-1])} or {ok[-1]}, not {spec.name}")
+        if grid.target_bpw is not None and not spec.gguf:
+            from .methods import REGISTRY
+
+            ok = [m.name for m in REGISTRY.values() if m.gguf]
+            raise LowbitError(f"--target-bpw applies to --method {', '.join(ok[:-1])} or {ok[-1]}, not {spec.name}")
         object.__setattr__(self, "method", MethodName(spec.name))
         object.__setattr__(self, "grid", grid)
         object.__setattr__(self, "options", options)
@@ -207,7 +256,11 @@ class QuantConfig:
 
     def to_json(self) -> dict:
         """``{"method", the grid's settings, the method's options}``: only what applies (``gguf_type`` when set)."""
-        return {"method": str(self.method), **self.grid.to_json(), **asdict(self.options)}
+        grid = self.grid.to_json()
+        auto = getattr(self.options, "rotate_default", None)
+        if not self.grid.rotate and auto is not None and auto(self.grid):  # --no-rotate where the default is on
+            grid["rotate"] = False
+        return {"method": str(self.method), **grid, **asdict(self.options)}
 
 
 @dataclass(frozen=True)

@@ -185,7 +185,7 @@ def test_cli_gguf_type_and_fallback_message(wide, tmp_path):
     assert "rtn Q3_K: 3.438 bits/weight" in r.stdout and "fell back" not in r.stdout
     r = subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(wide["llama"]), "--method", "quip",
                         "--bits", "2", "--gguf-type", "Q3_K", "--out", str(tmp_path / "d")], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip().startswith("lowbit: error: --gguf-type applies to")
+    assert r.returncode == 2 and r.stderr.strip().startswith("lowbit: error: --method quip --gguf-type Q3_K: ")
     r = subprocess.run([sys.executable, "-m", "lowbit", "export", str(out), "--format", "gguf", "--out",
                         str(tmp_path / "c.gguf")], capture_output=True, text=True)
     assert r.returncode == 0 and "14 Q3_K layers (14 lossless" in r.stdout, r.stdout + r.stderr

@@ -51,7 +51,8 @@ def test_flat_settings_go_to_the_grid_or_the_method():
 
 
 def test_saved_config_holds_only_what_applies():
-    grid = {f.name for f in dataclasses.fields(GridConfig)} - {"gguf_type"}
+    grid = {f.name for f in dataclasses.fields(GridConfig)} - {"gguf_type", "rotate", "embedding_type", "target_bpw",
+                                                           "bpw_candidates"}  # absent unless used
     assert set(QuantConfig(method="rtn").to_json()) == {"method"} | grid
     assert set(QuantConfig(method="foem").to_json()) == {"method", "beta", "pullback"} | grid
     assert QuantConfig(method="gptq", gguf_type="q4_k").to_json()["gguf_type"] == "Q4_K"

@@ -21,13 +21,22 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def bits_per_weight(model: nn.Module) -> float:
-    """All stored bits of the quantized linears (codes, scales, zeros, indices…) per weight of those
-    linears; 16.0 for a model without quantized linears (its linears are counted as fp16)."""
+    """All stored bits of the quantized linears (codes, scales, zeros, indices…) and of a quantized embedding
+    table (``--embedding-type``) per weight of those tensors, a tied table (the embedding and the head on one
+    tensor) counted once; 16.0 for a model without quantized linears (its linears are counted as fp16)."""
+    from ..packed.qembedding import QuantEmbedding
+
     bits = weights = 0
+    seen = set()
     for mod in model.modules():
-        if isinstance(mod, QuantLinear):
-            bits += mod.packed.stored_bits()
-            weights += mod.in_features * mod.out_features
+        if isinstance(mod, (QuantLinear, QuantEmbedding)):
+            p = mod.packed
+            key = tuple(t.data_ptr() for t in p.tensors().values())
+            if key in seen:
+                continue
+            seen.add(key)
+            bits += p.stored_bits()
+            weights += p.shape[0] * p.shape[1]
     return bits / weights if weights else 16.0
 
 

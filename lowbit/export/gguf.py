@@ -20,7 +20,9 @@ with ``d = s`` (lowbit scales are fp16 already).  The offset types are bit-exact
 
 **GGUF-native layers** (packed kind ``gguf``, from ``lowbit quantize --gguf-type TYPE``: every type of
 :data:`lowbit.gguf.TYPES`, K-quants and IQ4_NL included) already hold llama.cpp's block bytes and are
-written unchanged.
+written unchanged — so is a GGUF token embedding (``--embedding-type``, ``lowbit.json`` role ``token_embd``)
+as ``token_embd`` and an untied GGUF head as ``output``; a tied one is ``token_embd`` alone, as llama.cpp
+writes it (llama.cpp uses it as the head when ``output`` is absent).
 
 Anything else (other group sizes, act-order ``g_idx`` with mixed groups in a block, w8 asym, GWQ
 outliers, Squeeze10 cells) is refused, or with ``requantize=TYPE`` only those layers are

@@ -15,8 +15,8 @@ the presets that share a type's name are spelled with llama.cpp's enum prefix: `
 ``MOSTLY_IQ2_XS``, ``MOSTLY_IQ3_XXS``… (``mostly_q4_k_m`` is accepted as ``Q4_K_M`` too).
 
 The token embedding and output head: :func:`preset_type` answers what llama.cpp would use for
-``token_embd`` / ``output`` (category ``TOKEN_EMBD`` / ``OUTPUT``); lowbit keeps those tensors as it always
-does (not quantized), so the answer is only recorded.
+``token_embd`` / ``output`` (category ``TOKEN_EMBD`` / ``OUTPUT``); ``--embedding-type auto`` (the default with
+a preset) stores them so (:mod:`lowbit.gguf.embedding`), otherwise they stay float.
 """
 from __future__ import annotations
 

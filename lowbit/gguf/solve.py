@@ -1,17 +1,21 @@
-"""RTN, GPTQ and FOEM on a GGUF type's own grid: ``solve(W (m, n), H (n, n) | None, cfg) -> (GGUFWeight, info)``.
+"""RTN, GPTQ and FOEM (and AWQ's scaled weights) on a GGUF type's own grid:
+``solve(W (m, n), H (n, n) | None, cfg) -> (GGUFWeight, info)``.
 
 Pure, like the other solvers.  The type is ``cfg.gguf_type``, or for a llama.cpp preset (``Q4_K_M``…) the
 type :func:`lowbit.gguf.presets.preset_type` gives the layer ``name``; a row length it cannot hold falls back
 as llama.cpp does (:func:`lowbit.gguf.types.resolve`), reported in ``info["gguf_fallback"]``.
 
-* RTN (``H`` None or ``cfg.method`` rtn): every block's parameters and codes from the original
-  weights — for the legacy types byte-identical to ``gguf.quants.quantize`` / ggml's reference.
+* RTN (``H`` None, ``cfg.method`` rtn, or AWQ with ``--awq-solver rtn``: :func:`feedback`): every block's
+  parameters and codes from the original weights — for the legacy types byte-identical to
+  ``gguf.quants.quantize`` / ggml's reference.
 * GPTQ / FOEM: the column-feedback engine (:func:`lowbit.solvers.feedback.column_feedback`) with the
   type's own rounding as its quantizer, so the error fed back is the grid's.  Without act-order a
   block's parameters (K-quants: super-block ``d``/``dmin``) are fixed when its first column is
   reached and each sub-block's integer scale/min when its first column is reached, both from the
   current, error-updated weights (lazy blocks are whole super-blocks so those columns are current).
-  Vector grids (IQ2_*, IQ3_*: ``codec.unit`` = 8) go unit by unit (BlockLDLQ, :func:`_vector_feedback`).
+  Vector grids (IQ2_*, IQ3_*: ``codec.unit`` = 8) go unit by unit (BlockLDLQ, :func:`_vector_feedback`);
+  this is also ``--method quip``'s solve on those types (:mod:`lowbit.methods.quip`: the same path, after the
+  residual rotation of :mod:`lowbit.models.rotate`).
   With act-order (GGUF has no ``g_idx``: static groups only) all parameters are fitted up front on
   the original weights and the columns are quantized by decreasing ``diag(H)``.  Every parameter fit
   weights column ``j``'s squared error by ``H_jj``, as llama.cpp's importance matrix does.
@@ -29,22 +33,39 @@ from .presets import canonical, is_preset, preset_type
 from .types import resolve
 
 
-def solve(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, name: str | None = None,
-          n_layers: int | None = None) -> tuple[GGUFWeight, dict]:
-    """``name``: the layer's full name (``model.layers.3.mlp.down_proj``) and ``n_layers`` the model's number of
-    blocks, which a preset ``cfg.gguf_type`` (``Q4_K_M``…) needs to pick this tensor's type (its layer rules)."""
-    m, n = W.shape
+def feedback(cfg: QuantConfig, hessian: bool = True) -> bool:
+    """Whether a layer is solved by column feedback (GPTQ, FOEM, AWQ with ``--awq-solver gptq``) rather than by the
+    type's RTN (no Hessian, ``--method rtn``, AWQ with ``--awq-solver rtn``: its scaled weights rounded)."""
+    if not hessian or cfg.method == Method.RTN:
+        return False
+    return not (cfg.method == "awq" and cfg.awq_solver == "rtn")
+
+
+def layer_type(cfg: QuantConfig, shape: tuple[int, int], name: str | None = None, n_layers: int | None = None,
+               imatrix: bool = False) -> str:
+    """The type asked for a layer of weight ``shape`` (m, n): ``cfg.gguf_type``, or for a preset the type llama.cpp
+    gives the layer ``name`` (``model.layers.3.mlp.down_proj``) of a model of ``n_layers`` blocks (``imatrix``: the
+    solver weights its fits by ``diag(H)``, as an importance matrix does).  Before the row-length fallback."""
     wanted = cfg.gguf_type
-    if is_preset(canonical(wanted)):
-        if name is None or n_layers is None:
-            raise LowbitError(f"--gguf-type {wanted}: a preset needs each layer's name and the model's number of "
-                              "layers (lowbit.gguf.solve.solve(..., name=, n_layers=))")
-        imatrix = H is not None and cfg.method != Method.RTN  # GPTQ/FOEM weight by diag(H), like an imatrix
-        wanted = preset_type(wanted, name, None, n_layers, (m, n), imatrix=imatrix)
-    gtype, why = resolve(wanted, n)
+    if not is_preset(canonical(wanted)):
+        return wanted
+    if name is None or n_layers is None:
+        raise LowbitError(f"--gguf-type {wanted}: a preset needs each layer's name and the model's number of "
+                          "layers (lowbit.gguf.solve.solve(..., name=, n_layers=))")
+    return preset_type(wanted, name, None, n_layers, tuple(shape), imatrix=imatrix)
+
+
+def solve(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, name: str | None = None,
+          n_layers: int | None = None, gguf_type: str | None = None) -> tuple[GGUFWeight, dict]:
+    """``name``: the layer's full name (``model.layers.3.mlp.down_proj``) and ``n_layers`` the model's number of
+    blocks, which a preset ``cfg.gguf_type`` (``Q4_K_M``…) needs to pick this tensor's type (its layer rules).
+    ``gguf_type``: this layer's type, given instead of ``cfg``'s (``--target-bpw``'s plan, :mod:`.budget`)."""
+    m, n = W.shape
+    fb = feedback(cfg, H is not None)
+    gtype, why = resolve(gguf_type or layer_type(cfg, (m, n), name, n_layers, imatrix=fb), n)
     codec = gtype.codec
     info: dict = {"gguf_fallback": why} if why else {}
-    if H is None or cfg.method == Method.RTN:
+    if not fb:
         W = W.float()
         packed = GGUFWeight.from_fields(gtype.name, codec.quantize(W))
         loss = float("nan") if H is None else proxy_loss(W, packed.dequantize().to(W.device), H)

@@ -12,8 +12,10 @@ error: the quantized layer is ``W'_i = Q(W_i diag(s)) diag(s)⁻¹``, so channel
     s(α) = a^α / sqrt(max a^α · min a^α),  α ∈ {0, 1/G, …, (G − 1)/G}   (a clamped at 1e-4·max a)
     err(α) = Σ_i ½ tr((W_i − W'_i) H (W_i − W'_i)ᵀ) = Σ_i mean_t ‖(W_i − W'_i) x_t‖²
 
-with ``Q`` the round-to-nearest group grid (the values :func:`lowbit.solvers.rtn.solve` stores); the α of least error is
-kept (α = 0 is s = 1, plain RTN, so the proxy error is never above RTN's) and folded in float32:
+with ``Q`` the round-to-nearest group grid (the values :func:`lowbit.solvers.rtn.solve` stores), or with ``--gguf-type``
+the layer's GGUF type's own round-to-nearest (its codec's, the values :func:`lowbit.gguf.solve.solve` stores for RTN;
+a preset's per-tensor type, rows it cannot hold falling back as there); the α of least error is kept (α = 0 is
+s = 1, plain RTN, so the proxy error is never above RTN's) and folded in float32:
 
     norm:       w ← w / s   (LayerNorm: its bias too; Gemma's RMSNorm ``(1 + w)``: w ← (1 + w)/s − 1)
     linear:     rows of W_prev and its bias ← ÷ s      (v_proj → o_proj, up_proj → down_proj, fc1 → fc2)
@@ -23,7 +25,8 @@ The mappings are taken in the data's order, each searched on the weights as the 
 the statistics are read from the float block before any fold (one pass per mapping, cut short at its
 first linear; folding leaves every mapped input unchanged in exact arithmetic).
 The runner then solves the transformed block as usual (``--awq-solver rtn`` or ``gptq``, ``H`` from the
-scaled inputs); the packed format is the ordinary int group format.
+scaled inputs); the packed format is the ordinary int group format, or with ``--gguf-type`` the type's blocks
+(``rtn``: the type's RTN; ``gptq``: the type's column-feedback solver, :mod:`lowbit.gguf.solve`).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from ..calib.distributed import add_in_window_order, rounds, total_count, world
 from ..calib.hessian import StopForward, float_rows, window_gram, windows_of
 from ..calib.runner import per_window_linears
 from ..errors import LowbitError
+from ..gguf.types import resolve
 from ..models.arch import SPECS
 from ..models.modules import run_block
 from ..options import int_range
@@ -100,10 +104,15 @@ def channel_scales(a: torch.Tensor, alpha: float) -> torch.Tensor:
     return (s / (s.max() * s.min()).sqrt()).float()
 
 
-def rtn_values(W: torch.Tensor, cfg) -> torch.Tensor:
+def rtn_values(W: torch.Tensor, cfg, gguf_type: str | None = None) -> torch.Tensor:
     """``Q(W)`` (m, n): ``W`` rounded to nearest on ``cfg``'s group grid, the values :func:`lowbit.solvers.rtn.solve`
-    stores; every (row, group) cell is one row of a ``(m·n/g, g)`` view, fitted at once (a partial last group apart)."""
+    stores; every (row, group) cell is one row of a ``(m·n/g, g)`` view, fitted at once (a partial last group apart).
+    With ``gguf_type`` (a GGUF type's name): that type's round-to-nearest (after the row-length fallback), the
+    values :func:`lowbit.gguf.solve.solve` stores for RTN."""
     m, n = W.shape
+    if gguf_type is not None:
+        codec = resolve(gguf_type, n)[0].codec
+        return codec.decode(codec.quantize(W.float()))
     gs = cfg.group_size_for(n)
     grid = UniformGrid(cfg.bits, cfg.sym, cfg.mse)
     full = n // gs * gs
@@ -115,16 +124,20 @@ def rtn_values(W: torch.Tensor, cfg) -> torch.Tensor:
     return torch.cat(parts, 1)
 
 
-def scaled_error(Ws: list[torch.Tensor], s: torch.Tensor, H: torch.Tensor, cfg) -> float:
-    """``Σ_i ½ tr(ΔW_i H ΔW_iᵀ)`` with ``ΔW_i = W_i − Q(W_i diag s) diag(s)⁻¹``, ``Q`` the RTN group grid of ``cfg``."""
-    return sum(proxy_loss(W, rtn_values(W * s, cfg) / s, H) for W in Ws)
+def scaled_error(Ws: list[torch.Tensor], s: torch.Tensor, H: torch.Tensor, cfg, types: list | None = None) -> float:
+    """``Σ_i ½ tr(ΔW_i H ΔW_iᵀ)`` with ``ΔW_i = W_i − Q(W_i diag s) diag(s)⁻¹``, ``Q`` the RTN group grid of ``cfg``,
+    or the GGUF type ``types[i]`` of each linear (:func:`rtn_values`)."""
+    types = types or [None] * len(Ws)
+    return sum(proxy_loss(W, rtn_values(W * s, cfg, t) / s, H) for W, t in zip(Ws, types))
 
 
-def search(Ws: list[torch.Tensor], a: torch.Tensor, H: torch.Tensor, cfg, n_grid: int) -> tuple[float, torch.Tensor, list]:
+def search(Ws: list[torch.Tensor], a: torch.Tensor, H: torch.Tensor, cfg, n_grid: int,
+           types: list | None = None) -> tuple[float, torch.Tensor, list]:
     """The grid search over α: ``Ws`` the mapped linears' weights (m_i, n) float32, ``a`` (n,) and ``H`` (n, n) their
-    input statistics.  Returns ``(α, s (n,), [err(α) for every α])``; the first α of least error wins (ties: smaller α)."""
+    input statistics, ``types`` their GGUF types (``None``: the group grid).  Returns ``(α, s (n,), [err(α) for every
+    α])``; the first α of least error wins (ties: smaller α)."""
     alphas = [i / n_grid for i in range(n_grid)]
-    errs = [scaled_error(Ws, channel_scales(a, al).to(Ws[0].device), H, cfg) for al in alphas]
+    errs = [scaled_error(Ws, channel_scales(a, al).to(Ws[0].device), H, cfg, types) for al in alphas]
     best = min(range(n_grid), key=lambda i: (errs[i], i))
     return alphas[best], channel_scales(a, alphas[best]), errs
 
@@ -203,11 +216,30 @@ def collect(block: nn.Module, maps, inputs: list, calls: list) -> list[tuple[tor
     return out
 
 
+def layer_types(cfg, block: nn.Module, names, prefix: str | None, n_layers: int | None,
+               planned: dict | None = None) -> list | None:
+    """The GGUF type of each linear ``names`` of ``block``: ``planned[full name]`` (``--target-bpw``'s plan), else
+    ``cfg.gguf_type``'s (a preset's per-tensor type needs the block's full name ``prefix`` ``model.layers.3`` and the
+    model's ``n_layers``); ``None`` when neither applies (the int group grid)."""
+    full = [None if prefix is None else f"{prefix}.{n}" for n in names]
+    if planned and all(f in planned for f in full):
+        return [planned[f] for f in full]
+    if cfg.gguf_type is None:
+        return None
+    from ..gguf.solve import feedback, layer_type
+
+    return [layer_type(cfg, tuple(block.get_submodule(n).weight.shape), f, n_layers, imatrix=feedback(cfg))
+            for n, f in zip(names, full)]  # as the runner's solve will ask
+
+
 @torch.no_grad()
-def prepare_block(block: nn.Module, inputs: list, calls: list, spec, cfg) -> dict:
+def prepare_block(block: nn.Module, inputs: list, calls: list, spec, cfg, prefix: str | None = None,
+                  n_layers: int | None = None, gguf_types: dict | None = None) -> dict:
     """Search and fold AWQ's scales into the float ``block`` (in place).  Statistics from a copy of the block in the
     inputs' device and dtype; the search on the block's weights in float32 on that device.  Returns, per linear of
-    an applied mapping, ``{name: {"awq_alpha": α}}`` (the α its input columns were scaled with)."""
+    an applied mapping, ``{name: {"awq_alpha": α}}`` (the α its input columns were scaled with).  ``prefix`` (the
+    block's full name) and ``n_layers`` are needed only for a ``--gguf-type`` preset, ``gguf_types`` ``{full name:
+    type}`` is ``--target-bpw``'s plan (:func:`layer_types`)."""
     maps = mappings(block, spec)
     dev = inputs[0].device
     ref = copy.deepcopy(block).to(device=dev, dtype=inputs[0].dtype)
@@ -216,7 +248,8 @@ def prepare_block(block: nn.Module, inputs: list, calls: list, spec, cfg) -> dic
     chosen = {}
     for (prev, names), (a, H) in zip(maps, stats):
         Ws = [block.get_submodule(n).weight.detach().to(device=dev, dtype=torch.float32) for n in names]
-        alpha, s, _ = search(Ws, a, H, cfg, cfg.awq_grid)
+        types = layer_types(cfg, block, names, prefix, n_layers, gguf_types)
+        alpha, s, _ = search(Ws, a, H, cfg, cfg.awq_grid, types)
         if alpha > 0:  # α = 0 is s = 1: nothing to fold
             fold(block, prev, names, s, spec.norm_plus_one)
         chosen.update({n: {"awq_alpha": alpha} for n in names})
@@ -224,7 +257,8 @@ def prepare_block(block: nn.Module, inputs: list, calls: list, spec, cfg) -> dic
 
 
 def solve(W: torch.Tensor, H: torch.Tensor, cfg, **extra) -> tuple[object, dict]:
-    """The scaled weight ``W`` (m, n) by ``--awq-solver`` (:mod:`lowbit.solvers.rtn` or :mod:`lowbit.solvers.gptq`)."""
+    """The scaled weight ``W`` (m, n) by ``--awq-solver`` (:mod:`lowbit.solvers.rtn` or :mod:`lowbit.solvers.gptq`;
+    with ``--gguf-type`` the runner calls :func:`lowbit.gguf.solve.solve` instead, which reads ``--awq-solver``)."""
     return SOLVERS[cfg.awq_solver](W, H, cfg)
 
 
@@ -234,4 +268,5 @@ register(MethodSpec(
     offload=True,    # a block's folded norms stay in memory once it is materialized (a test compares the files)
     resume=False,    # a restored block's folded norms are not in the per-block checkpoints
     processes=True,  # statistics summed in window order over ranks (lowbit.calib.distributed)
+    gguf=True,       # the search measures the type's own rounding; the runner solves on the type
     produces="int"))

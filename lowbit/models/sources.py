@@ -173,9 +173,11 @@ def _one_line(e: BaseException, limit: int = 300) -> str:
 
 def stored_names(model: torch.nn.Module) -> list[str]:
     """The names a model's weights file must hold: every parameter once (a tied alias, such as a tied head, is
-    not stored) and every persistent buffer; non-persistent buffers (rotary ``inv_freq``) are computed."""
+    not stored) and every persistent buffer once (a quantized tied head shares its embedding's tensor);
+    non-persistent buffers (rotary ``inv_freq``) are computed."""
     params = dict(model.named_parameters())  # tied parameters once, under their first name
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - set(params)
+    aliases |= {n for n, _ in model.named_buffers(remove_duplicate=False)} - set(dict(model.named_buffers()))
     return [k for k in model.state_dict(keep_vars=True) if k not in aliases]
 
 

@@ -246,6 +246,7 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
     except Exception as e:
         raise LowbitError(f"{model_dir}/config.json: cannot build the model ({str(e).splitlines()[0][:200]})") from None
     wpath = model_dir / WEIGHTS_FILE
+    tied_table = False
     for name, lmeta in meta["layers"].items():
         prefix = name + "."
         mine = {k[len(prefix):]: tensors.pop(k) for k in [k for k in tensors if k.startswith(prefix)]}
@@ -257,6 +258,9 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
             raise LowbitError(f"{wpath}: layer '{name}': {e}") from None
         except AttributeError:
             raise LowbitError(f"{wpath}: layer '{name}' does not exist in this model") from None
+        if lmeta.get("role") == "token_embd":  # --embedding-type: a GGUF table (and the tied head on it)
+            tied_table = _restore_embedding(model, name, old, packed, lmeta, wpath) or tied_table
+            continue
         if not isinstance(old, nn.Linear) or tuple(packed.shape) != (old.out_features, old.in_features):
             raise LowbitError(f"{wpath}: layer '{name}' has shape {tuple(packed.shape)}, the model expects "
                               f"{(getattr(old, 'out_features', '?'), getattr(old, 'in_features', '?'))}")
@@ -271,7 +275,8 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
             raise LowbitError(f"{wpath}: tensor '{k}' has shape {tuple(t.shape)}, expected {tuple(expected[k].shape)}")
     model.load_state_dict({k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()},
                           strict=False, assign=True)
-    model.tie_weights()
+    if not tied_table:  # (a quantized tied table is tied already: the head holds the embedding's tensor)
+        model.tie_weights()
     from ..models.sources import stored_names
 
     # every parameter and persistent buffer from the file (init_empty_weights leaves the rest on meta or, for
@@ -288,3 +293,28 @@ def load(model_dir: str | os.PathLike, device: str | torch.device = "cpu", dtype
         raise LowbitError(f"{model_dir}: cannot load the tokenizer ({str(e).splitlines()[0][:200]})") from None
     model.to(device).eval()
     return model, tokenizer, meta
+
+
+def _restore_embedding(model: nn.Module, name: str, old: nn.Module, packed, lmeta: dict, wpath: Path) -> bool:
+    """Put a :class:`~.qembedding.QuantEmbedding` on ``packed`` at ``name`` and, when ``lmeta["tied"]``, the
+    output head as a :class:`QuantLinear` holding the same tensor -> whether it was tied."""
+    from .ggufw import GGUFWeight
+    from .qembedding import QuantEmbedding
+
+    if not isinstance(old, nn.Embedding) or not isinstance(packed, GGUFWeight) \
+            or tuple(packed.shape) != (old.num_embeddings, old.embedding_dim):
+        raise LowbitError(f"{wpath}: layer '{name}' is not this model's token embedding "
+                          f"{(getattr(old, 'num_embeddings', '?'), getattr(old, 'embedding_dim', '?'))}")
+    qemb = QuantEmbedding.replacing(old, packed)
+    replace_module(model, name, qemb)
+    tied = lmeta.get("tied") is True
+    if tied:
+        head = model.get_output_embeddings()
+        hname = next((n for n, m in model.named_modules() if m is head), None)
+        if not isinstance(head, nn.Linear) or hname is None or head.bias is not None \
+                or not getattr(model.config, "tie_word_embeddings", False):
+            raise LowbitError(f"{wpath}: layer '{name}' is marked tied, but this model's config has no tied head")
+        qhead = QuantLinear(packed)
+        replace_module(model, hname, qhead)
+        qemb.tie(qhead)
+    return tied

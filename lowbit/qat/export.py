@@ -4,6 +4,8 @@ ordinary packed integer weights (:class:`QuantLinear` holding a ``GroupQuantWeig
 Export is exact: codes ``q = clamp(round((W₀ + BA)/s) + z, 0, 2^b − 1)`` and scales ``s' = fp16(m·s)``
 are the very tensors the fake-quantized forward used, so the exported model computes the same
 logits as the trained fake-quantized model, with zero inference overhead (no LoRA, no magnitude).
+With ``--gguf-type`` every layer becomes its GGUF type's blocks instead (:mod:`.gguf`: exact for the legacy
+types, the trained weight projected onto the others).
 """
 from __future__ import annotations
 
@@ -18,11 +20,12 @@ from .fakequant import FakeQuantLinear
 
 
 def wrap(model: nn.Module, spec: ArchSpec, inits: dict[str, tuple[GroupQuantWeight, torch.Tensor]], rank: int,
-         seed: int) -> dict[str, FakeQuantLinear]:
+         seed: int, fp16_min: frozenset = frozenset()) -> dict[str, FakeQuantLinear]:
     """Replace every decoder linear named in ``inits`` ``{full name: (initial packed grid, W₀ (m, n))}``
     by a :class:`FakeQuantLinear` on that grid (the grid's scales and zeros; its codes are recomputed
     from W₀).  LoRA ``A`` factors are drawn, layer by layer in model order, from one private
-    generator seeded with ``seed``.  Returns ``{full name: module}``."""
+    generator seeded with ``seed``.  Layers named in ``fp16_min`` round their offset to fp16 (GGUF Q4_1/Q5_1,
+    :class:`FakeQuantLinear`).  Returns ``{full name: module}``."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for i, block in enumerate(blocks_of(model, spec)):
@@ -34,7 +37,7 @@ def wrap(model: nn.Module, spec: ArchSpec, inits: dict[str, tuple[GroupQuantWeig
             device = lin.weight.device
             mod = FakeQuantLinear(w0.cpu(), None if lin.bias is None else lin.bias.cpu(), packed.scales.float(),
                                   packed.zeros(), packed.column_groups(), packed.bits, packed.group_size, rank, gen,
-                                  sym=packed.sym).to(device)
+                                  sym=packed.sym, fp16_min=full in fp16_min).to(device)
             replace_module(block, name, mod)
             out[full] = mod
     return out
@@ -63,12 +66,15 @@ def trainable_fraction(modules: dict[str, FakeQuantLinear], total_params: int) -
 
 
 @torch.no_grad()
-def export(model: nn.Module, modules: dict[str, FakeQuantLinear]) -> dict[str, tuple[GroupQuantWeight, dict]]:
-    """Replace every :class:`FakeQuantLinear` by a :class:`QuantLinear` of its exported weight;
-    returns ``{full name: (packed, info)}`` like the calibration runner."""
+def export(model: nn.Module, modules: dict[str, FakeQuantLinear], gguf: dict | None = None) -> dict[str, tuple]:
+    """Replace every :class:`FakeQuantLinear` by a :class:`QuantLinear` of its exported weight (with ``gguf``
+    ``{full name: LayerPlan}``: its GGUF blocks, :func:`lowbit.qat.gguf.to_gguf`); returns ``{full name: (packed,
+    info)}`` like the calibration runner."""
+    from .gguf import to_gguf
+
     results = {}
     for full, mod in modules.items():
-        packed, info = mod.export()
+        packed, info = mod.export() if gguf is None else to_gguf(mod, gguf[full])
         replace_module(model, full, QuantLinear(packed, mod.bias).to(mod.w0.device))
         results[full] = (packed, info)
     return results

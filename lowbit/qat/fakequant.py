@@ -13,6 +13,10 @@ Only ``m``, ``A`` and ``B`` are trainable.  Gradients: ``round`` is straight-thr
 the scale is straight-through.  Because ``s'`` is rounded to fp16 in the forward pass too, ``Ŵ`` is
 at every step bit-identical to what :meth:`FakeQuantLinear.export` stores: scales ``s'`` in fp16,
 codes ``q``, zeros ``z`` — an ordinary :class:`~lowbit.packed.qweight.GroupQuantWeight`.
+
+``fp16_min`` (GGUF's Q4_1/Q5_1, :mod:`.gguf`): the block stores ``ŵ = d·q + m`` with ``m`` in fp16, so the
+offset is rounded as the block stores it, ``Ŵ = s'_g·q + fp16(−s'_g·z_g)`` (straight-through), in fp32 the
+same two operations as ggml's decode.
 """
 from __future__ import annotations
 
@@ -56,11 +60,12 @@ class FakeQuantLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor, zeros: torch.Tensor,
                  col_groups: torch.Tensor, bits: int, group_size: int, rank: int, generator: torch.Generator,
-                 sym: bool = False):
+                 sym: bool = False, fp16_min: bool = False):
         super().__init__()
         m, n = weight.shape
         self.out_features, self.in_features = m, n
         self.bits, self.group_size, self.sym, self.maxq = bits, group_size, sym, 2 ** bits - 1
+        self.fp16_min = fp16_min
         self.register_buffer("w0", weight.detach().float().clone())
         self.register_buffer("scale", scales.detach().float().clone())   # s (m, G)
         self.register_buffer("zero", zeros.detach().float().clone())     # z (m, G)
@@ -89,7 +94,7 @@ class FakeQuantLinear(nn.Module):
             s_eff = Fp16STE.apply(self.magnitude * self.scale)                # s' (m, G)
             wg, s, z, se = self._by_group(w, self.scale, self.zero, s_eff)
             q = torch.clamp(RoundSTE.apply(wg / s) + z, 0, self.maxq)
-            w_hat = se * (q - z)
+            w_hat = se * q + Fp16STE.apply(-(se * z)) if self.fp16_min else se * (q - z)
         return w_hat.reshape(m, n), q.reshape(m, n), s_eff
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,10 +115,15 @@ class FakeQuantLinear(nn.Module):
         contiguous = torch.equal(self.col_groups, torch.arange(self.in_features, device=codes.device) // self.group_size)
         packed = GroupQuantWeight.from_codes(codes, s_eff, None if self.sym else self.zero, self.bits,
                                              self.group_size, None if contiguous else self.col_groups)
-        info = {"codes_changed": float((codes != self.base_codes()).float().mean()),
+        return packed, self.stats(codes)
+
+    @torch.no_grad()
+    def stats(self, codes: torch.Tensor) -> dict:
+        """What training did to the layer (the report): share of codes changed from :meth:`base_codes`, the
+        magnitudes' range, ``‖BA‖``."""
+        return {"codes_changed": float((codes != self.base_codes()).float().mean()),
                 "magnitude_min": float(self.magnitude.min()), "magnitude_max": float(self.magnitude.max()),
                 "lora_norm": float((self.lora_b @ self.lora_a).norm())}
-        return packed, info
 
     def trainable(self) -> list[nn.Parameter]:
         return [self.magnitude, self.lora_a, self.lora_b]
