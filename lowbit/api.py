@@ -116,6 +116,7 @@ def _calibrated(ctx: RunContext, method: MethodSpec, source: dict, world_size: i
     checkpoints with ``out``, its block transform and fine-tuner.  Sets ``ctx.extra["fingerprint"]`` and
     ``["checkpoints"]``."""
     quant, calib, device, needs = ctx.quant, ctx.calib, ctx.device, method.needs_of(ctx.quant)
+    t = time.perf_counter()
     ids = tokenize(ctx.tokenizer, read_text(calib.source, split="calib"))
     check_window_count(ids, calib.nsamples, calib.seqlen)
     if "gradients" in needs:
@@ -125,20 +126,29 @@ def _calibrated(ctx: RunContext, method: MethodSpec, source: dict, world_size: i
     if min(calib.nsamples, calib.grad_samples if "gradients" in method.needs else calib.nsamples) < world_size:
         raise LowbitError(f"--nsamples/--grad-samples must be at least the number of processes ({world_size})")
     dtype = calib_dtype(calib.dtype, device)
+    phases = ctx.extra.setdefault("phases", {})
+    phases["calibration_text"] = time.perf_counter() - t  # read, tokenize (cached: lowbit.data.windows), windows
     grads = {}
     if "gradients" in needs:
         from .calib.gradients import weight_saliency
 
+        t = time.perf_counter()
         gw = distributed.shard(calibration_windows(ids, calib.grad_samples, calib.seqlen, calib.seed))
         grads = weight_saliency(ctx.model, ctx.spec, gw, device=device, dtype=dtype,
                                 checkpointing=calib.grad_checkpointing, progress=ctx.progress)  # summed over ranks
         ctx.model.to("cpu")
+        phases["gradients"] = time.perf_counter() - t
 
     n_layers = len(blocks_of(ctx.model, ctx.spec))
+    phases["solve"] = phases["finetune"] = 0.0
 
     def solve(W, H, name):
         extra = {"saliency": grads.pop(name, None)} if "gradients" in method.needs else {}
-        return _solve(quant, W, H, name, n_layers, ctx.extra.get("gguf_types", {}).get(name), **extra)
+        t = time.perf_counter()
+        try:
+            return _solve(quant, W, H, name, n_layers, ctx.extra.get("gguf_types", {}).get(name), **extra)
+        finally:
+            phases["solve"] += time.perf_counter() - t
 
     checkpoints = None
     if ctx.out is not None and world_size == 1 and method.resume:  # not under torchrun (see _check_resume)
@@ -152,12 +162,23 @@ def _calibrated(ctx: RunContext, method: MethodSpec, source: dict, world_size: i
         def prepare(block, inputs, calls, i):
             return method.prepare_block(block, inputs, calls, ctx.spec, quant, prefix=f"{ctx.spec.blocks}.{i}",
                                         n_layers=n_layers, gguf_types=ctx.extra.get("gguf_types"))  # per-tensor
-    return quantize_blocks(ctx.model, ctx.spec, distributed.shard(windows), solve, device=device, dtype=dtype,
-                           checkpoints=checkpoints, batch_size=calib.windows_per_batch(),
-                           true_sequential=calib.true_sequential, progress=ctx.progress,
-                           fp_targets=calib.fp_targets if calib.fp_targets is not None else "fp_targets" in needs,
-                           finetune_block=_block_finetuner(method, quant, world_size, ctx.progress),
-                           offload=ctx.offload, prepare_block=prepare)
+    finetune = _block_finetuner(method, quant, world_size, ctx.progress)
+    if finetune is not None:
+        def finetune(*args, _ft=finetune):
+            t = time.perf_counter()
+            try:
+                return _ft(*args)
+            finally:
+                phases["finetune"] += time.perf_counter() - t
+    t = time.perf_counter()
+    results = quantize_blocks(ctx.model, ctx.spec, distributed.shard(windows), solve, device=device, dtype=dtype,
+                              checkpoints=checkpoints, batch_size=calib.windows_per_batch(),
+                              true_sequential=calib.true_sequential, progress=ctx.progress,
+                              fp_targets=calib.fp_targets if calib.fp_targets is not None else "fp_targets" in needs,
+                              finetune_block=finetune, offload=ctx.offload, prepare_block=prepare)
+    # the runner's own time: capture, block forwards, statistics (XᵀX, FIAS), AWQ's search, propagation
+    phases["forward_and_stats"] = time.perf_counter() - t - phases["solve"] - phases["finetune"]
+    return results
 
 
 def _records(ctx: RunContext, method: MethodSpec, results: dict, source: dict, world_size: int, t0: float):
@@ -178,7 +199,8 @@ def _records(ctx: RunContext, method: MethodSpec, results: dict, source: dict, w
         "layers": layers,
         # what this run cost, and where (the report's quantize time / memory / machine); the save is not included
         "quantize": {"seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes(),
-                     "processes": world_size, "machine": machine(ctx.device)},
+                     "processes": world_size, "machine": machine(ctx.device),
+                     "phases": {k: round(v, 3) for k, v in ctx.extra.get("phases", {}).items()}},
     }
     report = {"seconds": time.perf_counter() - t0, "bits_per_weight": bpw, "peak_rss_bytes": peak_rss_bytes(),
               "model_bytes": model_bytes(model), "method": method.name,
@@ -220,16 +242,22 @@ def quantize(model: str, *, out: str | Path | None = None, quant: QuantConfig | 
     check_finite(fp_model, model)
     spec = resolve_spec(fp_model)
     n_layers = len(blocks_of(fp_model, spec))
+    phases = {"load": time.perf_counter() - t0}  # where the seconds go (lowbit.json "quantize"/"phases")
+    t = time.perf_counter()
     rotation = rotate_model(fp_model, spec) if quant.rotate else None  # before the method (lowbit.models.rotate)
+    if rotation is not None:
+        phases["rotate"] = time.perf_counter() - t
     plan = None
     if quant.target_bpw is not None:  # each linear's GGUF type, from the float model (lowbit.gguf.budget)
         from .gguf.budget import plan_run
 
+        t = time.perf_counter()
         plan = plan_run(fp_model, tokenizer, spec, quant, calib, device, n_layers,
                         "calibration" in method.needs_of(quant), progress and rank == 0)
+        phases["budget_plan"] = time.perf_counter() - t
     types = plan.types if plan is not None else {}
     ctx = RunContext(fp_model, tokenizer, spec, quant, calib, device, progress and rank == 0,
-                     out=out, resume=resume, offload=offload, extra={"qat": qat, "gguf_types": types},
+                     out=out, resume=resume, offload=offload, extra={"qat": qat, "gguf_types": types, "phases": phases},
                      solve=lambda W, H, name: _solve(quant, W, H, name, n_layers, types.get(name)))
     results = method.run(ctx) if method.run is not None else _calibrated(ctx, method, source, world_size)
     fp_model.to("cpu")

@@ -179,3 +179,35 @@ def test_eval_window_errors():
         eval_windows(torch.arange(10), 4, 2)
     with pytest.raises(LowbitError, match="--seqlen must be >= 2"):
         eval_windows(torch.arange(10), 1, None)
+
+
+def test_tokenize_caches_a_fast_tokenizers_ids(tmp_path, monkeypatch):
+    from helpers import make_text, make_tokenizer
+
+    from lowbit.data import windows as W
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    text = make_text(800)
+    tok = make_tokenizer(text)
+    expected = W._encode(tok, text)
+    first = tokenize(tok, text)
+    files = list((tmp_path / "tokens").glob("*.safetensors"))
+    assert torch.equal(first, expected) and len(files) == 1
+    calls = []
+    monkeypatch.setattr(W, "_encode", lambda *a: calls.append(a) or expected)
+    second = tokenize(tok, text)
+    assert torch.equal(second, expected) and second.dtype == torch.long and not calls  # read from the cache
+    tokenize(tok, text + "x")  # another text: another key, encoded
+    assert len(calls) == 1 and len(list((tmp_path / "tokens").glob("*.safetensors"))) == 2
+    files[0].write_bytes(b"not a safetensors file")  # damaged: encoded again, not an error
+    assert torch.equal(tokenize(tok, text), expected) and len(calls) == 2
+
+
+def test_tokenize_without_a_fast_tokenizer_is_not_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+
+    class Plain:
+        def encode(self, text, add_special_tokens=False):
+            return [ord(c) for c in text]
+
+    assert tokenize(Plain(), "abc").tolist() == [97, 98, 99] and not (tmp_path / "tokens").exists()

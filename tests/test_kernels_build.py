@@ -70,7 +70,7 @@ def test_build_error_is_one_line_with_the_compiler_message(tmp_path, monkeypatch
 @needs_compiler
 def test_warm_up_builds_every_kernel_and_says_what_it_has():
     rows = kernels.warm_up()
-    assert [r.name for r in rows] == list(kernels.KERNELS)
+    assert [r.name for r in rows] == [*kernels.KERNELS, *kernels.SOLVER_KERNELS]
     assert all(r.available and r.reason for r in rows), rows
     assert "AVX" in rows[0].reason or "scalar" in rows[0].reason
     with kernels.use_backend("reference"):
@@ -83,7 +83,7 @@ def test_lowbit_kernels_prints_one_line_per_kernel(capsys):
     assert main(["kernels"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["kernel", "available", "reason"]
-    assert [l.split()[:2] for l in lines[1:]] == [[name, "yes"] for name in kernels.KERNELS]
+    assert [l.split()[:2] for l in lines[1:]] == [[name, "yes"] for name in [*kernels.KERNELS, *kernels.SOLVER_KERNELS]]
 
 
 def test_table_says_why_not():
@@ -99,7 +99,7 @@ def test_table_says_why_not():
 def test_python_m_lowbit_kernels():
     r = subprocess.run([sys.executable, "-m", "lowbit.kernels"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    assert len(r.stdout.splitlines()) == 1 + len(kernels.KERNELS) and "Traceback" not in r.stderr
+    assert len(r.stdout.splitlines()) == 1 + len(kernels.KERNELS) + len(kernels.SOLVER_KERNELS) and "Traceback" not in r.stderr
 
 
 @pytest.mark.e2e

@@ -166,3 +166,16 @@ def test_same_inputs_give_identical_files(method, tiny_models, tiny_text, tmp_pa
     assert sorted(fa) == sorted(fb)
     for name in fa:
         assert fa[name] == fb[name], name
+
+
+@pytest.mark.parametrize("method,extra", [("gptq", {}), ("quip", {"bits": 2, "finetune": True, "ft_steps": 1})])
+def test_quantize_record_says_where_the_seconds_went(method, extra, tiny_models, tiny_text):
+    kw = {"bits": 4, "group_size": 32, **extra}
+    res = lowbit.quantize(str(tiny_models["llama"]), method=method, source=str(tiny_text), progress=False,
+                          **CALIB, **kw)
+    rec = res.meta["quantize"]
+    phases = rec["phases"]
+    assert set(phases) == {"load", "calibration_text", "solve", "finetune", "forward_and_stats"}
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= rec["seconds"] * 1.01
+    assert phases["solve"] > 0 and (phases["finetune"] > 0) == ("finetune" in extra)
+    json.dumps(res.meta, allow_nan=False)  # strict JSON

@@ -130,3 +130,61 @@ def test_solvers_are_pure(captured):
     solve("gptq", W, H, bits=4, group_size=32, act_order=True)
     assert torch.equal(W, W0) and torch.equal(H, H0)
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+# --- the fast paths (issue #17) are the same arithmetic as the reference ones -------------------------------
+
+def _packed_equal(a, b) -> bool:
+    ta, tb = a.tensors(), b.tensors()
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("method,kw", [
+    ("gptq", {}), ("gptq", {"act_order": False}), ("gptq", {"static_groups": False}), ("gptq", {"sym": True, "bits": 3}),
+    ("gptq", {"group_size": -1}), ("foem", {}), ("foem", {"act_order": False}),
+    ("foem", {"act_order": False, "group_size": 32, "block_size": 64}),
+])
+def test_compiled_column_loop_is_bit_identical_to_the_python_engine(method, kw):
+    from lowbit import kernels
+    from lowbit.kernels import feedback_cpu
+
+    if not feedback_cpu.available():
+        pytest.skip(f"feedback kernel unavailable: {feedback_cpu.unavailable_reason()}")
+    cfg = QuantConfig(method=method, **{"bits": 4, "group_size": 64, **kw})
+    g = torch.Generator().manual_seed(3)
+    for m, n in [(96, 256), (40, 200)]:  # 200: a partial last group
+        W = torch.randn(m, n, generator=g)
+        X = torch.randn(512, n, generator=g) * torch.rand(n, generator=g)
+        H = X.T @ X / 256
+        fast, info_fast = SOLVERS[cfg.method](W, H, cfg)
+        with kernels.use_backend("reference"):
+            ref, info_ref = SOLVERS[cfg.method](W, H, cfg)
+        assert _packed_equal(fast, ref) and info_fast == info_ref, (method, kw, m, n)
+
+
+def test_grids_fitted_all_at_once_equal_one_group_at_a_time():
+    g = torch.Generator().manual_seed(0)
+    for sym in (False, True):
+        grid = UniformGrid(4, sym, mse=True)
+        W = torch.randn(300, 576, generator=g) * torch.rand(300, 1, generator=g)
+        one = [grid.fit(W[:, k * 64:(k + 1) * 64]) for k in range(9)]
+        s, z = grid.fit(W.reshape(300 * 9, 64))
+        assert torch.equal(s.view(300, 9), torch.stack([o[0] for o in one], 1))
+        assert torch.equal(z.view(300, 9), torch.stack([o[1] for o in one], 1))
+
+
+@pytest.mark.parametrize("n", [64, 300, 576, 1536])
+def test_symmetric_gram_equals_the_full_product_bit_for_bit(n):
+    from lowbit.calib.hessian import InputStats, window_gram
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(4 * 128, n, generator=g) * torch.rand(n, generator=g)
+    P = window_gram(X[:128])
+    assert torch.equal(P, X[:128].T @ X[:128]) and torch.equal(P, P.T)
+    st = InputStats(n, torch.device("cpu"), window=128)
+    st.add(X[:256])
+    st.add(X[256:])
+    S = torch.zeros(n, n, dtype=torch.float64)
+    for w in X.split(128):
+        S += w.T @ w
+    assert torch.equal(st.hessian(), (S * (2.0 / X.shape[0])).float())

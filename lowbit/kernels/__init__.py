@@ -32,7 +32,7 @@ Backends (``LOWBIT_KERNELS=…`` or :func:`use_backend`; tests use it to compare
 from ..lazy import lazy
 
 _API = ("matmul", "plan", "plan_key", "kernel_name", "use_backend", "backend", "warm_up", "status_table",
-        "KernelStatus", "KERNELS", "BACKENDS")
+        "KernelStatus", "KERNELS", "SOLVER_KERNELS", "BACKENDS")
 __all__ = list(_API)
 
 

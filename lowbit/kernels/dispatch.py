@@ -16,10 +16,11 @@ from typing import NamedTuple
 
 import torch
 
-from . import group_cpu, mixed_cpu, outliers, quip_cpu, reference
+from . import feedback_cpu, group_cpu, mixed_cpu, outliers, quip_cpu, reference
 
 BACKENDS = ("auto", "exact", "reference")
 KERNELS = {"group_cpu": group_cpu, "outliers": outliers, "quip_cpu": quip_cpu, "mixed_cpu": mixed_cpu}
+SOLVER_KERNELS = {"feedback_cpu": feedback_cpu}  # quantization-time loops (lowbit.solvers.feedback), not matmuls
 _INT8_ACT = ("group_cpu", "outliers")  # kernels with an int8-activation decode path
 _backend = os.environ.get("LOWBIT_KERNELS", "auto")
 _warned: set[str] = set()
@@ -99,9 +100,10 @@ def warm_up() -> list[KernelStatus]:
     available and why not.  Under the ``"reference"`` backend nothing is built."""
     if _backend == "reference":
         why = "the reference backend is selected (LOWBIT_KERNELS=reference or use_backend)"
-        return [KernelStatus(name, False, why) for name in KERNELS]
+        return [KernelStatus(name, False, why) for name in {**KERNELS, **SOLVER_KERNELS}]
     return [KernelStatus(name, True, mod.describe()) if mod.available()
-            else KernelStatus(name, False, mod.unavailable_reason() or "unavailable") for name, mod in KERNELS.items()]
+            else KernelStatus(name, False, mod.unavailable_reason() or "unavailable")
+            for name, mod in {**KERNELS, **SOLVER_KERNELS}.items()]
 
 
 def status_table(rows: list[KernelStatus]) -> str:

@@ -18,11 +18,29 @@ vector codebooks live in that callback.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 Quantize = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class UniformColumns:
+    """What the compiled loop (:mod:`lowbit.kernels.feedback_cpu`) needs to quantize a whole lazy block itself
+    when the callback is the plain uniform grid: ``q = (clamp(round(w/s) + z, 0, maxq) − z)·s`` with ``s``, ``z``
+    the row's ``scales``/``zeros`` (m, G) of group ``group_of[p]`` (n,) int64 of each position ``p``.
+    ``refit(p, W)``: with grids fitted lazily, called at each group's first position (``p % gs == 0``) before
+    it is quantized, as the callback would (it updates ``scales``/``zeros`` in place); ``None`` when every grid
+    was fitted up front."""
+
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_of: torch.Tensor
+    maxq: float
+    refit: Callable[[int, torch.Tensor], None] | None = None
+    gs: int = 0
 
 
 class NotPositiveDefinite(ValueError):
@@ -76,7 +94,7 @@ def _load(A: torch.Tensor, H: torch.Tensor, perm: torch.Tensor | None, rows: int
 def column_feedback(W: torch.Tensor, U: torch.Tensor, quantize: Quantize, *, unit: int = 1,
                     block_size: int = 128, beta: float = 0.0, W_orig: torch.Tensor | None = None,
                     pullback: str = "next", perm: torch.Tensor | None = None,
-                    with_loss: bool = True) -> tuple[torch.Tensor, float]:
+                    with_loss: bool = True, uniform: UniformColumns | None = None) -> tuple[torch.Tensor, float]:
     """Quantize ``W`` (m, n) column unit by unit with error feedback through ``U`` (n, n).
 
     ``block_size`` must be a multiple of ``unit`` and ``n`` a multiple of ``unit``.
@@ -92,6 +110,9 @@ def column_feedback(W: torch.Tensor, U: torch.Tensor, quantize: Quantize, *, uni
     ``perm`` (n,): work on ``W[:, perm]`` (and ``W_orig[:, perm]``) without the caller materializing it;
     ``U``, the callback's column indices and the returned ``Q`` are then all in that permuted order.
     ``with_loss=False`` skips the loss (returned as NaN) and its float64 temporaries.
+    ``uniform`` (optional, :class:`UniformColumns`): ``quantize`` is that uniform grid, so with ``unit = 1`` and
+    the ``"next"`` pull-back each block's column loop runs compiled (:mod:`lowbit.kernels.feedback_cpu`, the
+    same operations in the same order: bit-identical) where the kernel is available; ``quantize`` otherwise.
 
     Memory: the working copy (n, m) and the fed-back errors ((n, m); one block's with ``with_loss=False``).
     A quantized column's value is stored in place of its working column, so the callback's ``W`` holds
@@ -114,10 +135,26 @@ def column_feedback(W: torch.Tensor, U: torch.Tensor, quantize: Quantize, *, uni
     # fed-back errors: all of them for the loss, else only the current block's (all the lazy update needs)
     Errt = torch.zeros_like(Wt) if with_loss else torch.zeros(min(block_size, n), m, device=Wt.device)
     W_view = Wt.T                   # the live (m, n) matrix the callback sees
+    fast = None
+    if uniform is not None and unit == 1 and pullback == "next":
+        from ..kernels import feedback_cpu
+
+        fast = feedback_cpu if feedback_cpu.usable(Wt) else None
     for b0 in range(0, n, block_size):
         b1 = min(b0 + block_size, n)
         E = Errt[b0:b1] if with_loss else Errt[:b1 - b0]             # this block's errors
-        for j in range(b0, b1, unit):
+        if fast is not None:
+            step = uniform.gs if uniform.refit is not None else b1 - b0
+            for c0 in range(b0, b1, step):
+                pull_start = c0
+                if uniform.refit is not None:
+                    if foem and c0 > 0:  # the callback's fit sees column c0 already pulled back
+                        Wt[c0:c0 + 1].sub_(beta * (Wt[c0:c0 + 1] - W0t[c0:c0 + 1]))
+                        pull_start = c0 + 1
+                    uniform.refit(c0, W_view)
+                fast.uniform_columns(Wt, W0t if foem else Wt, U, uniform.scales, uniform.zeros, uniform.group_of,
+                                     E, b0, b1, c0, min(c0 + step, b1), uniform.maxq, beta, pull_start)
+        for j in range(b0, b1, unit) if fast is None else ():
             if foem and pullback == "next" and j > 0:
                 Wt[j:j + unit].sub_(beta * (Wt[j:j + unit] - W0t[j:j + unit]))
             q = quantize(j, W_view)                                  # (m, unit)

@@ -16,7 +16,7 @@ import torch
 
 from ..config import Method, QuantConfig
 from ..packed.qweight import GroupQuantWeight
-from .feedback import column_feedback, inverse_cholesky
+from .feedback import UniformColumns, column_feedback, inverse_cholesky
 from .grid import UniformGrid
 from .loss import codes_from_values, fixed_inputs, proxy_loss
 
@@ -53,7 +53,13 @@ def solve_dense(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, keep: torch.
         scales[:, g], zeros[:, g] = grid.fit(cols if kept is None else cols.masked_fill(kept, 0.0))
 
     upfront = gs == n or (cfg.act_order and cfg.static_groups)
-    if upfront:
+    if upfront and n % gs == 0:  # every group at once: rows (m·G, gs), the same per-row arithmetic as one by one
+        cols = W if keep is None else W.masked_fill(keep, 0.0)
+        s_all, z_all = grid.fit(cols.reshape(m * n_groups, gs))
+        scales.copy_(s_all.view(m, n_groups))
+        zeros.copy_(z_all.view(m, n_groups))
+        del cols, s_all, z_all
+    elif upfront:
         for g in range(n_groups):
             fit(g, W[:, g * gs:(g + 1) * gs], None if keep is None else keep[:, g * gs:(g + 1) * gs])
 
@@ -86,8 +92,14 @@ def solve_dense(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, keep: torch.
 
     block = gs * max(1, cfg.block_size // gs) if not upfront else cfg.block_size
     beta = cfg.beta if cfg.method == Method.FOEM else 0.0
+    uniform = None
+    if keep_p is None:  # the plain grid: the engine may run the loop compiled (same operations, same bits)
+        def refit(p: int, Wlive: torch.Tensor) -> None:
+            fit(group_of_list[p], Wlive[:, p:p + gs], None)
+        uniform = UniformColumns(scales, zeros, group_of.to(torch.int64).contiguous(), float(maxq),
+                                 None if upfront else refit, gs)
     Q = column_feedback(W, U, quantize, block_size=block, beta=beta, W_orig=W, pullback=cfg.pullback, perm=perm,
-                        with_loss=False)[0]
+                        with_loss=False, uniform=uniform)[0]
     del U
 
     g_idx = None
