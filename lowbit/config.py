@@ -65,7 +65,7 @@ class GridConfig:
                                "32 (0: keep it float, as GPTQ tools do; llama.cpp quantizes it)",
                             choices=(0,) + SUPPORTED_BITS)
     gguf_type: str | None = option(None, "a GGUF type (Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 IQ4_NL Q2_K … Q6_K, see lowbit.gguf) "
-                                         "or a llama.cpp preset (Q4_K_M…, per-tensor types): rtn/gptq/foem on its "
+                                         "or a llama.cpp preset (Q4_K_M…, per-tensor types): rtn/gptq/foem/awq/dlqat/quip on its "
                                          "grid, stored as its blocks; rows it cannot hold fall back as llama.cpp "
                                          "does", metavar="TYPE")
     embedding_type: str | None = option(None, "store the token embedding (and the output head: the same table when "

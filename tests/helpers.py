@@ -134,6 +134,23 @@ def llama_cpp_bin(name: str) -> str | None:
     return None
 
 
+def llama_perplexity(gguf_path, text_path, ctx: int = 128) -> tuple[int, float]:
+    """Run ``llama-perplexity`` on a GGUF file -> ``(k, ppl)``: its running estimate after ``k`` windows of ``ctx``
+    tokens, ``"[k]ppl"`` (the log's tail can be lost at exit on a busy machine, so the last one printed)."""
+    import math
+    import re
+    import subprocess
+
+    r = subprocess.run([llama_cpp_bin("llama-perplexity"), "-m", str(gguf_path), "-f", str(text_path),
+                        "-c", str(ctx), "-t", "2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    progress = re.findall(r"\[(\d+)\]([0-9.]+)", r.stdout + r.stderr)
+    assert progress, (r.stdout + r.stderr)[-2000:]
+    k, theirs = int(progress[-1][0]), float(progress[-1][1])
+    assert k >= 8 and math.isfinite(theirs)
+    return k, theirs
+
+
 def down_proj_stats(path, text: str):
     """``(W, H)`` of block 1's down_proj of the model at ``path``, ``H = 2/n Σ xxᵀ`` from the inputs it
     really sees on 2048 tokens of ``text`` (8 windows of 256)."""

@@ -152,6 +152,21 @@ def per_window_linears(module: nn.Module, rows: int):
 
 
 @torch.no_grad()
+def group_input_stats(block: nn.Module, first: nn.Linear, inputs: list, calls: list, device, window: int,
+                      n_rounds: int) -> InputStats:
+    """``S = ΣXᵀX`` of ``first``'s input over every micro-batch of ``inputs`` (with their ``calls``), each pass
+    through ``block`` cut short at ``first`` (the statistics of one group of linears sharing that input)."""
+    st = InputStats(first.in_features, torch.device(device), window, n_rounds)
+    with capture_inputs(first, st, stop=True):
+        for h, call in zip(inputs, calls):
+            try:
+                run_block(block, h, call)
+            except StopForward:
+                pass
+    return st
+
+
+@torch.no_grad()
 def discover_groups(block: nn.Module, h: torch.Tensor, call: tuple) -> tuple[tuple[str, ...], ...]:
     """Group a block's linears by shared input, in call order, from one forward pass."""
     order: dict = {}
@@ -310,13 +325,7 @@ def quantize_blocks(model: nn.Module, spec: ArchSpec, windows: torch.Tensor, sol
             else:  # one pass per group, cut short at its input; without true_sequential all are solved at the end
                 pending = []
                 for g in groups:
-                    st = InputStats(work_lin[g[0]].in_features, dev, window, n_rounds)
-                    with capture_inputs(work_lin[g[0]], st, stop=True):
-                        for h, call in zip(inputs, block_calls[i]):
-                            try:
-                                run_block(work, h, call)
-                            except StopForward:
-                                pass
+                    st = group_input_stats(work, work_lin[g[0]], inputs, block_calls[i], dev, window, n_rounds)
                     st.pad()  # before any other collective, so every rank's sequence of collectives is the same
                     if true_sequential:
                         solve_group(g, st.hessian(free=True))

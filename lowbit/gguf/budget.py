@@ -203,8 +203,7 @@ def float_hessians(model, spec, windows: torch.Tensor, *, device, dtype, batch_s
     from tqdm.auto import tqdm
 
     from ..calib.distributed import rounds
-    from ..calib.hessian import InputStats, StopForward, capture_inputs
-    from ..calib.runner import capture, discover_groups, per_window_linears
+    from ..calib.runner import capture, discover_groups, group_input_stats, per_window_linears
     from ..models.arch import blocks_of, linears_of
     from ..models.modules import run_block
 
@@ -220,14 +219,8 @@ def float_hessians(model, spec, windows: torch.Tensor, *, device, dtype, batch_s
         lins = linears_of(work)
         with per_window_linears(work, window):
             for g in spec.groups or discover_groups(work, inputs[0], block_calls[i][0]):
-                st = InputStats(lins[g[0]].in_features, dev, window, n_rounds)
-                with capture_inputs(lins[g[0]], st, stop=True):
-                    for h, call in zip(inputs, block_calls[i]):
-                        try:
-                            run_block(work, h, call)
-                        except StopForward:
-                            pass
-                H = st.hessian(free=True)
+                H = group_input_stats(work, lins[g[0]], inputs, block_calls[i], dev, window,
+                                      n_rounds).hessian(free=True)
                 for name in g:
                     W = blocks[i].get_submodule(name).weight.detach().to(device=device, dtype=torch.float32)
                     yield f"{spec.blocks}.{i}.{name}", W, H

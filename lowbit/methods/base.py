@@ -13,10 +13,12 @@ branches on its name:
 * ``solve(W (m, n) float32, H (n, n) | None, cfg, **extra) -> (packed, info)`` — the per-layer solver the
   calibration runner calls (``cfg`` is the full :class:`lowbit.config.QuantConfig`: grid + these options;
   with ``"gradients"`` in ``needs`` it gets ``saliency=`` the layer's ``Σ|∂L/∂W|`` (m, n) or ``None``);
-* ``prepare_block(block, inputs, calls, spec, cfg) -> dict | None`` — optional float transform of one
-  decoder block *before* its linears are solved (AWQ's scales folded into the norm and the linears):
-  ``block`` the model's float block in place, ``inputs`` its calibration micro-batches ``(B, T, d)``,
-  ``calls`` their ``(args, kwargs)``, ``spec`` the :class:`lowbit.models.arch.ArchSpec`;
+* ``prepare_block(block, inputs, calls, spec, cfg, prefix=, n_layers=, gguf_types=) -> dict | None`` — optional
+  float transform of one decoder block *before* its linears are solved (AWQ's scales folded into the norm and
+  the linears): ``block`` the model's float block in place, ``inputs`` its calibration micro-batches
+  ``(B, T, d)``, ``calls`` their ``(args, kwargs)``, ``spec`` the :class:`lowbit.models.arch.ArchSpec`;
+  ``prefix`` the block's dotted name, ``n_layers`` the model's blocks and ``gguf_types`` a ``--target-bpw``
+  plan's ``{layer: type}`` (what a GGUF preset or plan needs to know each linear's type);
 * ``finetuner(cfg, progress) -> callback | None`` — optional per-block fine-tuning after the solve
   (the runner's ``finetune_block``; :func:`finetuner` makes one for a packed kind);
 * ``run(ctx) -> {layer: (packed, info)}`` — optional own loop instead of the calibration runner
