@@ -94,9 +94,11 @@ def random_model(cfg):
     return model.eval()
 
 
-def build_wide(path: Path, family: str) -> Path:
+def build_wide(path: Path, family: str, **overrides) -> Path:
     """A random 2-block model, hidden 256, MLP 512, byte-level BPE of 384 tokens (so it has merges, which
-    llama.cpp needs); gemma3 with head_dim 256 = query_pre_attn_scalar, as llama.cpp's gemma3 graph assumes."""
+    llama.cpp needs); gemma3 with head_dim 256 = query_pre_attn_scalar, as llama.cpp's gemma3 graph assumes.
+    ``overrides``: config fields set before the weights are drawn (``num_hidden_layers=8``,
+    ``tie_word_embeddings=False``)."""
     import transformers as tf
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -114,6 +116,8 @@ def build_wide(path: Path, family: str) -> Path:
     else:
         cfg = tf.Gemma3TextConfig(**common, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
                                   sliding_window=16)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
     model = random_model(cfg)
     model.save_pretrained(path)
     tok.save_pretrained(path)

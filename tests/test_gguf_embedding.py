@@ -24,24 +24,15 @@ from lowbit.gguf.embedding import tensor_type
 from lowbit.packed.qembedding import QuantEmbedding
 from lowbit.packed.qlinear import QuantLinear
 
-from helpers import build_wide, llama_cpp_bin, llama_perplexity, make_text, random_model
+from helpers import build_wide, llama_cpp_bin, llama_perplexity, make_text
 
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory):
     """``{"tied": folder, "untied": folder}``: the 256-wide llama, and the same config with its own head."""
-    import transformers as tf
-
     root = tmp_path_factory.mktemp("wide")
-    tied = build_wide(root / "tied", "llama")
-    cfg = tf.AutoConfig.from_pretrained(tied)
-    cfg.tie_word_embeddings = False
-    untied = root / "untied"
-    random_model(cfg).save_pretrained(untied)
-    for f in tied.iterdir():
-        if f.name not in ("config.json", "model.safetensors", "generation_config.json"):
-            (untied / f.name).write_bytes(f.read_bytes())
-    return {"tied": tied, "untied": untied}
+    return {"tied": build_wide(root / "tied", "llama"),
+            "untied": build_wide(root / "untied", "llama", tie_word_embeddings=False)}
 
 
 @pytest.fixture(scope="module")

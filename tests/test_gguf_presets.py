@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import build_wide, llama_cpp_bin, random_model
+from helpers import build_wide, llama_cpp_bin
 
 import lowbit
 from lowbit.config import QuantConfig
@@ -54,13 +54,8 @@ def test_solve_applies_the_preset_by_layer_name():
 @pytest.fixture(scope="module")
 def q8_gguf(tmp_path_factory):
     """An 8-block 256-wide llama, exported as Q8_0 (llama-quantize requantizes it to each preset)."""
-    import transformers as tf
-
     root = tmp_path_factory.mktemp("presets")
-    path = build_wide(root / "m", "llama")
-    cfg = tf.AutoConfig.from_pretrained(path)
-    cfg.num_hidden_layers = LAYERS
-    random_model(cfg).save_pretrained(path)
+    path = build_wide(root / "m", "llama", num_hidden_layers=LAYERS)
     lowbit.quantize(str(path), method="rtn", gguf_type="Q8_0", out=root / "q8", progress=False)
     export_gguf(root / "q8", root / "q8.gguf")
     return root / "q8.gguf", path / "calib.txt"
