@@ -183,6 +183,8 @@ def test_deterministic_global_rng_untouched_and_resume(tiny_models, tiny_text, t
         mp.setattr(tr, "save_state", stop_after_first)
         lowbit.quantize(src, out=tmp_path / "r", qat=part, **kw)
     assert [p.name for p in (tmp_path / "r.work").iterdir()] == ["step_000002.safetensors"]
+    with pytest.raises(LowbitError, match="different DL-QAT settings"):  # trained for 3 bits, not 4
+        lowbit.quantize(src, out=tmp_path / "r", qat=dataclasses.replace(part, resume=True), **{**kw, "bits": 4})
     resumed = lowbit.quantize(src, out=tmp_path / "r", qat=dataclasses.replace(part, resume=True), **kw)
     assert resumed.report["resumed_from"] == 2
     assert resumed.report["train_losses"] == pytest.approx(full.report["train_losses"], rel=1e-5)

@@ -9,12 +9,21 @@ Tolerances (logits of the same 48 tokens; ``M`` = max |lowbit logit|):
   ``dtype=float16, backend=TORCH`` (11 bits): ``|Δ| ≤ 0.01·M``.  Misreading the zero points by one
   (v1 vs v2) moves every weight by a whole grid step and gives ``|Δ|`` of the order of ``M``.
 * transformers + compressed-tensors in float32 dequantizes ``s·(q − z)`` exactly as lowbit does:
-  ``|Δ| ≤ 1e-4``.
+  ``|Δ| ≤ 1e-4``.  Asymmetric checkpoints load with the defaults only once compressed-tensors' meta-device
+  zero-point shape is fixed (an upstream bug, see ``lowbit/export/check.py``; shown here by applying that
+  fix in-process); ``CompressedTensorsConfig(dequantize=True)`` computes ``s·(q − z)`` in the fp16 scale's
+  precision (relative error ≤ 2^-11 per weight): ``|Δ| ≤ 0.002·M``.
+* GGUF: :func:`gguf_as_f32` holds the file's own weights, so transformers' GGUF reader gives the same
+  logits from it as from the quantized file (``|Δ| ≤ 1e-5·M``).
 * Perplexity (``lowbit export --check``): within 0.5 % on the tiny random models (bf16 client), and
-  within 0.2 % on the demo model (slow tier; llama.cpp 0.5 %, see ``lowbit/export/check.py``).
+  within 0.2 % on the demo model (slow tier).  llama.cpp on a quantized GGUF: 0.5 %, because its CPU kernels
+  round the activations to 8-bit blocks for quantized dot products (measured on the demo model: +0.27 % on
+  lowbit's Q4_1 file, +0.62 % on llama.cpp's own Q4_0 file against transformers reading that file); on the
+  same file's weights in F32 (``llama.cpp-f32``) it is held to 0.2 % (measured +0.036 % and +0.003 %).
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -24,6 +33,7 @@ import torch
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.export import check_export, export_compressed_tensors, export_gguf, export_gptq
+from lowbit.export.check import gguf_as_f32, llama_perplexity_bin
 
 GPTQMODEL_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "opt")
 
@@ -137,7 +147,7 @@ def test_transformers_loads_the_compressed_tensors_export(family, ckpts, tmp_pat
 def test_compressed_tensors_asymmetric_reads_back_through_the_library(bits, ckpts, tmp_path):
     """Asymmetric grids: the packed tensors decompress, by the library's own model-free reader, to
     lowbit's weights ``s·(q − z)`` up to the fp16 rounding of that product (the reader multiplies in the
-    scale's dtype, fp16: relative error ≤ 2^-11); transformers cannot load asymmetric pack-quantized
+    scale's dtype, fp16: relative error ≤ 2^-11); transformers' defaults cannot load asymmetric pack-quantized
     checkpoints (see check.py)."""
     pytest.importorskip("compressed_tensors")
     from compressed_tensors.entrypoints.convert import CompressedTensorsDequantizer, convert_checkpoint
@@ -164,6 +174,83 @@ def test_compressed_tensors_asymmetric_reads_back_through_the_library(bits, ckpt
     assert n == 14
 
 
+def _fix_meta_zero_point(monkeypatch):
+    """Apply, in-process, the fix of the upstream bug (compressed-tensors 0.20.1, ``pack_quantized/base.py:83-91``):
+    on the meta device give ``weight_zero_point`` the packed shape ``(⌈m·b/32⌉, G)`` int32 that its real branch
+    writes."""
+    import math
+
+    from compressed_tensors.compressors import PackedQuantizationCompressor as P
+
+    compress = P.compress.__func__
+
+    def fixed(cls, state_dict, scheme):
+        out = compress(cls, state_dict, scheme)
+        zp = out.get("weight_zero_point")
+        if zp is not None and zp.device.type == "meta":
+            out["weight_zero_point"] = torch.empty(math.ceil(zp.shape[0] * scheme.weights.num_bits / 32), zp.shape[1],
+                                                   dtype=torch.int32, device="meta")
+        return out
+
+    monkeypatch.setattr(P, "compress", classmethod(fixed))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_asymmetric_export_loads_with_transformers_defaults_once_the_upstream_bug_is_fixed(bits, ckpts, tmp_path,
+                                                                                          monkeypatch):
+    """The asymmetric file is what transformers reads: with compressed-tensors' meta-device zero-point shape
+    fixed (nothing else changed) its default load gives lowbit's logits."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    src = ckpts(sym=False, bits=bits)
+    export_compressed_tensors(src, tmp_path / "c")
+    _fix_meta_zero_point(monkeypatch)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = model(input_ids=IDS).logits.float()
+    assert torch.allclose(got, lowbit_logits(src, IDS), atol=1e-4, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="upstream: compressed-tensors 0.20.1 leaves weight_zero_point unpacked on the meta device "
+                          "(pack_quantized/base.py:83-91), so transformers 5.24 stops at a size mismatch; when this "
+                          "passes, lowbit export --check can load asymmetric exports with the defaults")
+def test_transformers_defaults_load_the_asymmetric_export(ckpts, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    src = ckpts(sym=False)
+    export_compressed_tensors(src, tmp_path / "c")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = model(input_ids=IDS).logits.float()
+    assert torch.allclose(got, lowbit_logits(src, IDS), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_transformers_dequantize_reads_the_asymmetric_export(bits, ckpts, tmp_path):
+    """What ``--check`` uses for asymmetric grids: every weight is fp16(s·(q − z)) of lowbit's grid."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from lowbit.packed.qlinear import QuantLinear
+
+    src = ckpts(sym=False, bits=bits)
+    export_compressed_tensors(src, tmp_path / "c")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "c", dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    ours, _, _ = lowbit.load(src, device="cpu")
+    qlinears = {name: mod for name, mod in ours.named_modules() if isinstance(mod, QuantLinear)}
+    assert len(qlinears) == 14
+    for name, mod in qlinears.items():
+        assert torch.equal(model.get_submodule(name).weight, mod.packed.dequantize().float().half().float()), name
+    with torch.no_grad():
+        got = model(input_ids=IDS).logits.float()
+    ref = lowbit_logits(src, IDS)
+    assert float((got - ref).abs().max()) <= 0.002 * float(ref.abs().max())
+
+
 def test_compressed_tensors_refusals(ckpts, tmp_path, tiny_text):
     pytest.importorskip("compressed_tensors")
     with pytest.raises(LowbitError, match="supports 4/8 bits .*vLLM.*has 3"):
@@ -174,6 +261,86 @@ def test_compressed_tensors_refusals(ckpts, tmp_path, tiny_text):
     with pytest.raises(LowbitError, match="permuted order.*quantize with static groups"):
         export_compressed_tensors(src, tmp_path / "c")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- GGUF: the F32 copy --check also scores
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_gguf_as_f32_holds_the_files_weights(sym, ckpts, tmp_path):
+    """Every tensor F32, the metadata kept, and transformers' GGUF reader (its own dequantizer) gives the same
+    logits from the copy as from the quantized file; for the bit-exact Q4_0 those are lowbit's own."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    src = ckpts(sym=sym)
+    export_gguf(src, tmp_path / "q.gguf")
+    gguf_as_f32(tmp_path / "q.gguf", tmp_path / "f.gguf")
+    q, f = gguf.GGUFReader(str(tmp_path / "q.gguf")), gguf.GGUFReader(str(tmp_path / "f.gguf"))
+    assert ("Q4_0" if sym else "Q4_1") in {t.tensor_type.name for t in q.tensors}
+    assert {t.tensor_type.name for t in f.tensors} == {"F32"}
+    assert [(t.name, list(t.shape)) for t in f.tensors] == [(t.name, list(t.shape)) for t in q.tensors]
+    assert f.fields["general.file_type"].contents() == gguf.LlamaFileType.ALL_F32
+
+    def meta(r):
+        return {k: v.contents() for k, v in r.fields.items() if not k.startswith("GGUF.") and k != "general.file_type"}
+
+    assert meta(f) == meta(q)
+
+    def logits(name):
+        m = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=name, dtype=torch.float32).eval()
+        with torch.no_grad():
+            return m(input_ids=IDS).logits.float()
+
+    quantized, copy = logits("q.gguf"), logits("f.gguf")
+    assert float((copy - quantized).abs().max()) <= 1e-5 * float(quantized.abs().max())
+    if sym:
+        assert torch.allclose(copy, lowbit_logits(src, IDS), atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def wide_q41(tmp_path_factory):
+    """A 2-block model llama.cpp can tokenize (byte-level BPE with merges), RTN w4g32 asymmetric -> Q4_1."""
+    from helpers import build_wide
+
+    root = tmp_path_factory.mktemp("wide")
+    m = build_wide(root / "m", "llama")
+    lowbit.quantize(str(m), method="rtn", bits=4, group_size=32, sym=False, out=root / "q", progress=False)
+    export_gguf(root / "q", root / "q.gguf")
+    return root
+
+
+@pytest.mark.skipif(llama_perplexity_bin() is None, reason="llama.cpp's llama-perplexity is not on PATH")
+@pytest.mark.e2e
+def test_check_scores_the_gguf_and_its_f32_copy_in_llama_cpp(wide_q41):
+    """llama.cpp on the F32 copy (float32 arithmetic) agrees with lowbit to within 0.05 %; on the Q4_1 file
+    itself (activations rounded to Q8_1 blocks) the difference is llama.cpp's, reported as ``vs_f32_pct``."""
+    rep = check_export(wide_q41 / "q", wide_q41 / "q.gguf", "gguf", text=str(wide_q41 / "m" / "calib.txt"),
+                       windows=4, seqlen=128)
+    rows = {c["client"]: c for c in rep["clients"]}
+    assert list(rows) == ["transformers-gguf", "llama.cpp", "llama.cpp-f32"], rep
+    q, f = rows["llama.cpp"], rows["llama.cpp-f32"]
+    assert q["windows"] == f["windows"] == 4 and q["lowbit_ppl"] == f["lowbit_ppl"]
+    assert abs(f["diff_pct"]) <= 0.05, f
+    assert q["vs_f32_pct"] == pytest.approx(100 * (q["ppl"] - f["ppl"]) / f["ppl"])
+    assert abs(q["diff_pct"]) <= q["tolerance_pct"] == 0.5 and f["tolerance_pct"] == 0.2 and rep["ok"]
+
+
+@pytest.mark.skipif(shutil.which("llama-quantize") is None, reason="llama.cpp's llama-quantize is not on PATH")
+@pytest.mark.e2e
+def test_gguf_as_f32_equals_llama_cpps_own_dequantization(wide_q41, tmp_path):
+    """ggml's own dequantizer (``llama-quantize --allow-requantize … F32``) writes the same F32 tensors."""
+    import gguf
+    import numpy as np
+
+    gguf_as_f32(wide_q41 / "q.gguf", tmp_path / "ours.gguf")
+    r = subprocess.run(["llama-quantize", "--allow-requantize", str(wide_q41 / "q.gguf"), str(tmp_path / "ggml.gguf"),
+                        "F32"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours, ggml = gguf.GGUFReader(str(tmp_path / "ours.gguf")), gguf.GGUFReader(str(tmp_path / "ggml.gguf"))
+    theirs = {t.name: t for t in ggml.tensors}
+    assert sorted(theirs) == sorted(t.name for t in ours.tensors)
+    for t in ours.tensors:
+        assert theirs[t.name].tensor_type.name == "F32" and np.array_equal(t.data, theirs[t.name].data), t.name
 
 
 # ---------------------------------------------------------------- lowbit export --check
@@ -205,8 +372,8 @@ def test_cli_check_prints_each_clients_perplexity(fmt, sym, ckpts, tmp_path, tin
         assert c["lowbit_ppl"] == pytest.approx(rep["check"]["lowbit_ppl"])
         assert f"check {c['client']}: ppl {c['ppl']:.4f}" in r.stdout
     if fmt == "gguf":
-        assert [c["client"] for c in rep["check"]["clients"]] == ["transformers-gguf", "llama.cpp"]
-        assert "skipped" in rep["check"]["clients"][1] and "llama.cpp: skipped" in r.stdout
+        assert [c["client"] for c in rep["check"]["clients"]] == ["transformers-gguf", "llama.cpp", "llama.cpp-f32"]
+        assert all("skipped" in c for c in rep["check"]["clients"][1:]) and "llama.cpp: skipped" in r.stdout
 
 
 @pytest.mark.e2e
@@ -240,6 +407,7 @@ def test_demo_exports_agree_with_lowbit_within_0_2_percent(fmt, demo_rtn, tmp_pa
     print(json.dumps(rep, indent=1))  # the numbers, for the record (pytest -rA shows them)
     ran = [c for c in rep["clients"] if "ppl" in c]
     assert ran, rep
-    for c in ran:  # 0.2 %; llama.cpp 0.5 % (8-bit activation blocks, its own tokenizer: see check.py)
+    for c in ran:  # 0.2 %; llama.cpp on the quantized file 0.5 % (its 8-bit activation blocks: the same file's
+        # weights in F32, client llama.cpp-f32, are held to 0.2 %; see check.py and BENCHMARKS.md)
         assert abs(c["diff_pct"]) <= (0.5 if c["client"] == "llama.cpp" else 0.2), c
     assert rep["ok"] and 10 < rep["lowbit_ppl"] < 100

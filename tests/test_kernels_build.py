@@ -10,7 +10,7 @@ import torch
 
 from lowbit import kernels
 from lowbit.cli import main
-from lowbit.kernels import build, group_cpu, reference
+from lowbit.kernels import build, group_cpu, int4_torch, reference
 from lowbit.packed.mixed import MixedBinaryWeight
 from lowbit.packed.qlinear import QuantLinear
 from lowbit.packed.qweight import OutlierQuantWeight
@@ -19,6 +19,7 @@ from lowbit.packed.quipw import QuipWeight
 from helpers import random_weight
 
 needs_compiler = pytest.mark.skipif(not build.has_compiler(), reason="no C++ compiler")  # a build error fails
+_CUDA_ONLY = {"int4_torch": int4_torch}  # available where a CUDA device is (tests/test_kernel_int4_torch.py)
 
 
 def test_sources_are_package_files_with_their_headers():
@@ -71,7 +72,8 @@ def test_build_error_is_one_line_with_the_compiler_message(tmp_path, monkeypatch
 def test_warm_up_builds_every_kernel_and_says_what_it_has():
     rows = kernels.warm_up()
     assert [r.name for r in rows] == [*kernels.KERNELS, *kernels.SOLVER_KERNELS]
-    assert all(r.available and r.reason for r in rows), rows
+    assert all(r.available == (r.name not in _CUDA_ONLY or _CUDA_ONLY[r.name].available()) and r.reason
+               for r in rows), rows
     assert "AVX" in rows[0].reason or "scalar" in rows[0].reason
     with kernels.use_backend("reference"):
         rows = kernels.warm_up()
@@ -83,7 +85,9 @@ def test_lowbit_kernels_prints_one_line_per_kernel(capsys):
     assert main(["kernels"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["kernel", "available", "reason"]
-    assert [l.split()[:2] for l in lines[1:]] == [[name, "yes"] for name in [*kernels.KERNELS, *kernels.SOLVER_KERNELS]]
+    assert [l.split()[:2] for l in lines[1:]] == [
+        [name, "yes" if name not in _CUDA_ONLY or _CUDA_ONLY[name].available() else "no"]
+        for name in [*kernels.KERNELS, *kernels.SOLVER_KERNELS]]
 
 
 def test_table_says_why_not():

@@ -18,6 +18,14 @@ lowbit's weights bit for bit.  ``config.json`` gets the ``quantization_config`` 
 :class:`ModelCompressor` writes (``quant_method: compressed-tensors``, ``format: pack-quantized``,
 one config group per grid, the unquantized linears in ``ignore``).
 
+These are the tensors vLLM's ``CompressedTensorsWNA16.create_weights`` allocates (``weight_packed`` packed
+along dim 1, ``weight_scale`` in the model dtype, ``weight_zero_point`` int32 packed along dim 0) and what
+compressed-tensors' own ``decompress`` unpacks.  transformers 5.24 loads the symmetric checkpoints with its
+defaults; the asymmetric ones only with ``CompressedTensorsConfig(dequantize=True)``, because
+compressed-tensors 0.20.1 gives the zero point its unpacked ``(m, G)`` shape on the meta device
+(``pack_quantized/base.py:83-91``; see :mod:`lowbit.export.check`).  Not run here: vLLM itself (no GPU);
+its Marlin kernels take group sizes 32/64/128 or per-row, and recent versions zero points only at 4 bits.
+
 Refused (one line naming the layer and the reason): bit widths other than 4 and 8 (vLLM's WNA16
 scheme has kernels for those only), partial last groups (the library needs ``G | n``) and
 act-order ``g_idx`` without static groups (compressed-tensors removed ``actorder: group``).

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from .codec import Codec, f16, fit_scale
+from .codec import Codec, by_sub, f16, fit_scale
 from .layout import bytes_f16, f16_bytes, pack_planes, split, unpack_planes
 
 
@@ -41,6 +41,9 @@ class IQ4NL(Codec):
 
     def fit_block(self, f, bi, w, imp):
         f["d"][:, bi] = f16(fit_scale(w.float(), imp, self, ntry=7, step=1.0))
+
+    def fit_rows(self, f, W, imp):  # every block in one batched fit_scale
+        f["d"].copy_(f16(fit_scale(*by_sub(W.float(), imp, 32), self, ntry=7, step=1.0)).T)
 
     def pack(self, f):
         m, n = f["codes"].shape

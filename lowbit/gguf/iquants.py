@@ -41,7 +41,7 @@ import functools
 import numpy as np
 import torch
 
-from .codec import Codec, _cols, f16, fit_scale, werr
+from .codec import Codec, _rows, by_sub, f16, fit_scale, werr
 from .iq4nl import IQ4NL
 from .kquants import QK, SymK, _steps
 from .layout import bytes_f16, f16_bytes, pack_planes, split, unpack_planes
@@ -133,6 +133,7 @@ class VectorIQ(Codec):
     unit = 8                                  # weights the solvers quantize at once (one 7/8-bit sign group)
     FACTORS = (0.55, 0.65, 0.75, 0.85, 0.95, 1.05, 1.15)  # δ = max|x| / (g_max·f): candidate sub-block scales
     TOPK = 16                                 # parity: points (lowest unconstrained cost) tried with a flip
+    rows_budget = 1 << 20                     # weights fitted at once: fit_delta batches 7 scales of each
 
     def __init__(self, name: str, type_size: int, sub: int, mul: float, parity: bool):
         self.name, self.type_size, self.sub, self.mul, self.parity = name, type_size, sub, mul, parity
@@ -172,88 +173,107 @@ class VectorIQ(Codec):
     # -- nearest grid point -----------------------------------------------------------------------
     def encode(self, x: torch.Tensor, delta: torch.Tensor, imp: torch.Tensor | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Best points and signs of ``x`` (m, k) (k a multiple of 8) at per-unit scales ``delta`` (m, k/8):
-        ``(idx (m, k/dim), neg (m, k) 0/1, v (m, k))`` with ``v = g·σ`` (unscaled).  See the module docstring."""
-        m, k = x.shape
-        U, D, Gr = k // 8, self.dim, self.grid.to(x.device)
+        """Best points and signs of ``x`` (…, k) (k a multiple of 8) at per-unit scales ``delta`` (…, k/8), ``imp``
+        (k,) or broadcastable to ``x`` (None = 1): ``(idx (…, k/dim), neg (…, k) 0/1, v (…, k))`` with ``v = g·σ``
+        (unscaled).  Each unit of 8 weights is searched on its own (rows of one flat batch), so a unit gets the
+        same answer in any batch.  The parity flip is searched only for the units that need it.  See the module
+        docstring."""
+        *lead, k = x.shape
+        D, Gr = self.dim, self.grid.to(x.device)
         per = 8 // D
-        xs = x.reshape(m * U, 8)
-        dl = delta.reshape(m * U, 1)
+        R = x.numel() // 8
+        xs = x.reshape(R, 8)
+        dl = delta.reshape(R, 1)
         ok = dl != 0
         t = torch.where(ok, xs.abs() / torch.where(ok, dl, torch.ones_like(dl)), torch.zeros_like(xs))
         w = torch.ones(k, device=x.device) if imp is None else imp.float().to(x.device)
-        w = w.reshape(U, 8).repeat(m, 1)                                     # (m·U, 8), row i·U + u
+        w = w.expand(x.shape).reshape(R, 8)                                  # each unit's column weights
         neg = (xs < 0).long()
-        odd = (neg.sum(1) % 2 == 1) if self.parity else torch.zeros(m * U, dtype=torch.bool, device=x.device)
-        idx = torch.empty(m * U, per, dtype=torch.int64, device=x.device)
-        flip = torch.full((m * U,), -1, dtype=torch.int64, device=x.device)   # the weight whose sign flips
-        rows = max(1, (1 << 23) // Gr.shape[0])
+        odd = neg.sum(1) % 2 == 1 if self.parity else None
+        idx = torch.empty(R, per, dtype=torch.int64, device=x.device)
         g2 = (Gr * Gr).T                                                      # (D, G)
-        for r0 in range(0, m * U, rows):
-            r1 = min(r0 + rows, m * U)
-            best, fbest, fcost, fk = [], [], [], []
+        for r0, r1 in self._spans(R):
+            base, wt, low = [], [], []
             for h in range(per):
                 th, wh = t[r0:r1, h * D:(h + 1) * D], w[r0:r1, h * D:(h + 1) * D]
-                base = wh @ g2 - 2 * (wh * th) @ Gr.T                         # (R, G) (+ Σ w t², constant)
-                b, bi = base.min(1)
-                best.append((b, bi))
-                if self.parity:  # the flip cost on the TOPK points of lowest base cost (their best with a flip)
-                    cb, ci = base.topk(self.TOPK, 1, largest=False)            # (R, K)
-                    fc = 4 * (wh * th)[:, None, :] * Gr[ci]                     # (R, K, D)
-                    fmin, fkk = fc.min(2)
-                    c, j = (cb + fmin).min(1)
-                    fbest.append(ci.gather(1, j[:, None]).squeeze(1))
-                    fcost.append(c - b)
-                    fk.append(fkk.gather(1, j[:, None]).squeeze(1) + h * D)
-            idx[r0:r1] = torch.stack([bi for _, bi in best], 1)
-            if self.parity:
-                extra = torch.stack(fcost, 1)                                    # (R, per)
-                h = extra.argmin(1)
-                o = odd[r0:r1]
-                ar = torch.arange(r1 - r0, device=x.device)
-                chosen = torch.stack(fbest, 1)[ar, h]
-                sel = idx[r0:r1].clone()
-                sel[ar, h] = chosen
-                idx[r0:r1] = torch.where(o[:, None], sel, idx[r0:r1])
-                flip[r0:r1] = torch.where(o, torch.stack(fk, 1)[ar, h], flip[r0:r1])
-        if self.parity:
-            rr = torch.nonzero(flip >= 0).squeeze(1)
-            neg[rr, flip[rr]] ^= 1
-        v = Gr[idx].reshape(m * U, 8) * (1.0 - 2.0 * neg.float())
-        return idx.reshape(m, U * per), neg.reshape(m, k), v.reshape(m, k)
+                wt.append(wh * th)
+                base.append(wh @ g2 - 2 * wt[h] @ Gr.T)                       # (R', G) (+ Σ w t², constant)
+                b, idx[r0:r1, h] = base[h].min(1)
+                low.append(b)
+            o = odd[r0:r1].nonzero().squeeze(1) if self.parity else None
+            if o is None or not len(o):
+                continue
+            # the odd units: the flip cost on the TOPK points of lowest base cost (their best with a flip)
+            cost, pt, kk = [], [], []
+            for h in range(per):
+                cb, ci = base[h][o].topk(self.TOPK, 1, largest=False)         # (O, K)
+                fc = 4 * wt[h][o][:, None, :] * Gr[ci]                        # (O, K, D)
+                fmin, fkk = fc.min(2)
+                c, j = (cb + fmin).min(1)
+                pt.append(ci.gather(1, j[:, None]).squeeze(1))
+                cost.append(c - low[h][o])
+                kk.append(fkk.gather(1, j[:, None]).squeeze(1) + h * D)
+            h = torch.stack(cost, 1).argmin(1)                                # the half that takes the flip
+            ar, ro = torch.arange(len(o), device=x.device), r0 + o
+            idx[ro, h] = torch.stack(pt, 1)[ar, h]
+            neg[ro, torch.stack(kk, 1)[ar, h]] ^= 1
+        v = Gr[idx].reshape(R, 8) * (1.0 - 2.0 * neg.float())
+        return idx.reshape(*lead, k // D), neg.reshape(*lead, k), v.reshape(*lead, k)
 
     # -- parameter choice -------------------------------------------------------------------------
+    @property
+    def per(self) -> int:
+        return QK // self.sub
+
     def fit_delta(self, x: torch.Tensor, imp: torch.Tensor | None) -> torch.Tensor:
-        """Per row the float sub-block scale ``δ`` (m,) of ``x`` (m, sub) with the lowest weighted error."""
-        m, k = x.shape
+        """Per row the float sub-block scale ``δ`` (…, m) of ``x`` (…, m, sub) with the lowest weighted error (``imp``
+        (sub,) or broadcastable to ``x``); every factor of :attr:`FACTORS` in one batched :meth:`encode`."""
+        k, F = x.shape[-1], len(self.FACTORS)
         gmax = float(self.grid.max())
-        amax = x.abs().amax(1)
-        best_d, best_e = torch.zeros(m, device=x.device), torch.full((m,), float("inf"), device=x.device)
+        amax = x.abs().amax(-1)
+        div = torch.tensor([gmax * fct for fct in self.FACTORS], device=x.device).view(F, *[1] * amax.dim())
+        d0 = amax / div                                                       # (F, …, m): max|x| / (g_max·f)
+        _, _, v = self.encode(x.expand(F, *x.shape), d0[..., None].expand(*d0.shape, k // 8), imp)
         w = torch.ones(k, device=x.device) if imp is None else imp.float().to(x.device)
-        for fct in self.FACTORS:
-            d0 = amax / (gmax * fct)
-            _, _, v = self.encode(x, d0[:, None].expand(m, k // 8), imp)
-            den = (w * v * v).sum(1)
-            d = torch.where(den > 0, (w * x * v).sum(1) / torch.where(den > 0, den, torch.ones_like(den)), d0).clamp_min(0)
-            e = werr(x, d[:, None] * v, imp)
-            better = e < best_e
-            best_d, best_e = torch.where(better, d, best_d), torch.where(better, e, best_e)
+        den = (w * v * v).sum(-1)
+        d = torch.where(den > 0, (w * x * v).sum(-1) / torch.where(den > 0, den, torch.ones_like(den)), d0).clamp_min(0)
+        e = werr(x, d[..., None] * v, imp)
+        best_d, best_e = torch.zeros_like(amax), torch.full_like(amax, float("inf"))
+        for i in range(F):  # the first factor of lowest error
+            better = e[i] < best_e
+            best_d, best_e = torch.where(better, d[i], best_d), torch.where(better, e[i], best_e)
         return best_d
 
+    def _pick_l(self, x: torch.Tensor, imp: torch.Tensor | None, dl: torch.Tensor, d: torch.Tensor):
+        """The integer ``l`` (…, m) of sub-blocks ``x`` (…, m, sub) with float scales ``dl`` and super-block ``d``
+        (…, m): of the two nearest ``δ/(d·mul) − ½`` the one whose rounding has the lower weighted error.  Also
+        that rounding, the points (…, m, sub/dim) and signs (…, m, sub) at the chosen scale."""
+        ls = torch.stack(_steps(dl - 0.5 * d * self.mul, d * self.mul, 0, 15))  # (2, …, m)
+        delta = d * (0.5 + ls.float()) * self.mul                              # as :meth:`delta`
+        idx, neg, v = self.encode(x.expand(2, *x.shape), delta[..., None].expand(*delta.shape, x.shape[-1] // 8), imp)
+        e = werr(x, delta[..., None] * v, imp)
+        second = e[1] < e[0]
+        pick = lambda t: torch.where(second[..., None], t[1], t[0])  # noqa: E731
+        return torch.where(second, ls[1], ls[0]), pick(idx), pick(neg)
+
     def fit_block(self, f, bi, w, imp):
-        dl = torch.stack([self.fit_delta(w[:, j:j + self.sub], _cols(imp, j, self.sub)) for j in range(0, QK, self.sub)], 1)
+        dl = self.fit_delta(*by_sub(w, imp, self.sub)).T                      # (m, per): every sub-block at once
         f["d"][:, bi] = f16(dl.amax(1) / (15.5 * self.mul))
 
     def fit_sub(self, f, si, w, imp):
         d = f["d"][:, si * self.sub // QK]
-        best = None
-        for ls in _steps(self.fit_delta(w, imp) - 0.5 * d * self.mul, d * self.mul, 0, 15):  # δ/(d·mul) − ½
-            f["ls"][:, si] = ls
-            delta = self.delta(f, si)
-            _, _, v = self.encode(w, delta[:, None].expand(-1, w.shape[1] // 8), imp)
-            e = werr(w, delta[:, None] * v, imp)
-            best = (e, ls) if best is None else (torch.minimum(e, best[0]), torch.where(e < best[0], ls, best[1]))
-        f["ls"][:, si] = best[1]
+        f["ls"][:, si] = self._pick_l(w, imp, self.fit_delta(w, imp), d)[0]
+
+    def fit_rows(self, f, W, imp):
+        """All scales of the rows ``W`` (m', n); returns the rounding of ``W`` under them, ``(idx, neg)`` (m', n/dim),
+        (m', n): the search at the chosen ``l`` is the one :meth:`round_unit` would run."""
+        m = W.shape[0]
+        x, imps = by_sub(W, imp, self.sub)                                    # (ns, m, sub)
+        dl = self.fit_delta(x, imps)                                          # (ns, m), shared by d and l
+        f["d"].copy_(f16(dl.T.reshape(m, -1, self.per).amax(2) / (15.5 * self.mul)))
+        ls, idx, neg = self._pick_l(x, imps, dl, f["d"].repeat_interleave(self.per, 1).T)
+        f["ls"].copy_(ls.T)
+        return idx.transpose(0, 1).reshape(m, -1), neg.transpose(0, 1).reshape(m, -1)
 
     def round_unit(self, f: dict, u: int, x: torch.Tensor, imp: torch.Tensor | None) -> torch.Tensor:
         """Store the best points and signs of unit ``u`` for its current weights ``x`` (m, 8); its values (m, 8)."""
@@ -264,21 +284,40 @@ class VectorIQ(Codec):
         f["codes"][:, c0:c0 + 8] = neg
         return self.unit_values(f, u)
 
-    def fit_all(self, f, W, imp):
-        n = W.shape[1]
-        for c0 in range(0, n, QK):
-            self.fit_block(f, c0 // QK, W[:, c0:c0 + QK], _cols(imp, c0, QK))
-            for s0 in range(c0, c0 + QK, self.sub):
-                self.fit_sub(f, s0 // self.sub, W[:, s0:s0 + self.sub], _cols(imp, s0, self.sub))
-
     def quantize(self, W, imp=None):
         m, n = W.shape
         W = W.float()
         f = self.fields(m, n, W.device)
-        self.fit_all(f, W, imp)
-        for u in range(n // 8):
-            self.round_unit(f, u, W[:, 8 * u:8 * u + 8], _cols(imp, 8 * u, 8))
+        for r0, r1 in self._row_chunks(m, n):
+            g = _rows(f, r0, r1)
+            idx, neg = self.fit_rows(g, W[r0:r1], imp)
+            g["idx"].copy_(idx)
+            g["codes"].copy_(neg)
+        if m % self._chunk() == 1:
+            # Unit by unit (:meth:`round_unit`) the last row is a search of its own, and BLAS multiplies a single
+            # row by another kernel (matrix-vector) whose float sums differ: search it that way, as that code did.
+            g = _rows(f, m - 1, m)
+            for u in range(n // 8):
+                self.round_unit(g, u, W[m - 1:, 8 * u:8 * u + 8], None if imp is None else imp[8 * u:8 * u + 8])
         return f
+
+    def _chunk(self) -> int:
+        """Units per grid-search matmul of the per-unit code this replaces (decides which rows it multiplied alone)."""
+        return max(1, (1 << 23) // self.grid.shape[0])
+
+    def _spans(self, R: int) -> list[tuple[int, int]]:
+        """Row ranges of :meth:`encode`'s search: about 1 MiB cost matrices (cache-sized), and a range of one row
+        (BLAS's matrix-vector kernel, other float sums than the matrix product) exactly where the per-unit code had
+        one: the last row when ``R % _chunk() == 1``.  Every other row is searched inside a matrix product, whose
+        rows do not depend on each other."""
+        step = max(2, (1 << 18) // self.grid.shape[0])
+        alone = R % self._chunk() == 1
+        end = R - 1 if alone and R > 1 else R
+        cuts = list(range(0, end, step))
+        if len(cuts) > 1 and end - cuts[-1] == 1:  # no lone row inside
+            cuts.pop()
+        spans = list(zip(cuts, cuts[1:] + [end]))
+        return spans + [(R - 1, R)] if end < R else spans
 
     # -- bytes ------------------------------------------------------------------------------------
     def pack(self, f):

@@ -37,7 +37,7 @@ import itertools
 
 import torch
 
-from .codec import Codec, f16, fit_affine, fit_scale, werr
+from .codec import Codec, by_sub, f16, fit_affine, fit_scale, werr
 from .layout import bytes_f16, f16_bytes, pack_planes, split, unpack_planes
 
 QK = 256
@@ -75,12 +75,16 @@ class KQuant(Codec):
         return a, -(self._super(f["dmin"], s) * f["mn"][:, s].float())
 
     def _choose(self, f, si, w, imp, cands: dict[str, list[torch.Tensor]]) -> None:
-        """Set the integer fields of sub-block ``si`` to the candidate combination with the lowest weighted error."""
+        """Set the integer fields of sub-block ``si`` to the candidate combination with the lowest weighted error
+        (``si`` = ``slice(None)``: every sub-block at once, ``w`` (m, ns, sub), ``imp`` (ns, 1, sub), candidates
+        (m, ns))."""
+        every = isinstance(si, slice)
         best = None
         for combo in itertools.product(*cands.values()):
             for k, v in zip(cands, combo):
                 f[k][:, si] = v
-            e = werr(w, self.values(f, si, self.round(f, si, w)), imp)
+            v = self.values(f, si, self.round(f, si, w))
+            e = werr(w.transpose(0, 1), v.transpose(0, 1), imp).T if every else werr(w, v, imp)
             if best is None:
                 best = (e, list(combo))
             else:
@@ -98,6 +102,11 @@ def _steps(x: torch.Tensor, unit: torch.Tensor, lo: int, hi: int) -> list[torch.
     return [base.long(), (base + 1).clamp(lo, hi).long()]
 
 
+def _signed_max(a: torch.Tensor) -> torch.Tensor:
+    """(…, k) -> (…,): the entry of largest magnitude (the first of equals), with its sign."""
+    return a.gather(-1, a.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
 class AffineK(KQuant):
     """Q2_K, Q4_K, Q5_K: ``w = d·sc·q − dmin·m`` with unsigned ``sc, m ≤ smax``."""
 
@@ -107,13 +116,25 @@ class AffineK(KQuant):
         self.name, self.bits, self.sub, self.smax, self.type_size = name, bits, sub, smax, type_size
         self.n_codes = 2 ** bits
 
+    def _fits(self, w, imp):
+        """Every sub-block's float scale and minimum ``(a, −b)`` of :func:`~.codec.fit_affine` for ``w`` (m, k):
+        (m, k/sub) each, all sub-blocks in one batched call."""
+        a, b = fit_affine(*by_sub(w, imp, self.sub), self.n_codes - 1)
+        return a.T, -b.T
+
     def fit_block(self, f, bi, w, imp):
-        fits = [fit_affine(w[:, j:j + self.sub], None if imp is None else imp[j:j + self.sub], self.n_codes - 1)
-                for j in range(0, QK, self.sub)]
-        a = torch.stack([x[0] for x in fits], 1)
-        mins = -torch.stack([x[1] for x in fits], 1)
+        a, mins = self._fits(w, imp)
         f["d"][:, bi] = f16(a.amax(1) / self.smax)
         f["dmin"][:, bi] = f16(mins.amax(1) / self.smax)
+
+    def fit_rows(self, f, W, imp):
+        m = W.shape[0]
+        a, mins = self._fits(W, imp)
+        f["d"].copy_(f16(a.reshape(m, -1, self.per).amax(2) / self.smax))
+        f["dmin"].copy_(f16(mins.reshape(m, -1, self.per).amax(2) / self.smax))
+        self._choose(f, slice(None), W.reshape(m, -1, self.sub), by_sub(W, imp, self.sub)[1],
+                     {"sc": _steps(a, self._super(f["d"], slice(None)), 0, self.smax),
+                      "mn": _steps(mins, self._super(f["dmin"], slice(None)), 0, self.smax)})
 
     def fit_sub(self, f, si, w, imp):
         a, b = fit_affine(w, imp, self.n_codes - 1)
@@ -172,11 +193,19 @@ class SymK(KQuant):
     def _fit(self, w, imp):
         return fit_scale(w, imp, self, ntry=9 if self.bits == 3 else 4, step=0.1 if self.bits == 3 else 0.5)
 
+    def _fits(self, w, imp):
+        """Every sub-block's float scale of ``w`` (m, k): (m, k/sub), all sub-blocks in one batched call."""
+        return self._fit(*by_sub(w, imp, self.sub)).T
+
     def fit_block(self, f, bi, w, imp):
-        k = self.sub
-        a = torch.stack([self._fit(w[:, j:j + k], None if imp is None else imp[j:j + k]) for j in range(0, QK, k)], 1)
-        amax = a.gather(1, a.abs().argmax(1, keepdim=True)).squeeze(1)
-        f["d"][:, bi] = f16(amax / self.smin)
+        f["d"][:, bi] = f16(_signed_max(self._fits(w, imp)) / self.smin)
+
+    def fit_rows(self, f, W, imp):
+        m = W.shape[0]
+        a = self._fits(W, imp)
+        f["d"].copy_(f16(_signed_max(a.reshape(m, -1, self.per)) / self.smin))
+        self._choose(f, slice(None), W.reshape(m, -1, self.sub), by_sub(W, imp, self.sub)[1],
+                     {"sc": _steps(a, self._super(f["d"], slice(None)), self.smin, self.smax)})
 
     def fit_sub(self, f, si, w, imp):
         self._choose(f, si, w, imp, {"sc": _steps(self._fit(w, imp), f["d"][:, si // self.per], self.smin, self.smax)})

@@ -54,15 +54,18 @@ class Legacy(Codec):
     def fit_block(self, f, bi, w, imp):
         w = w.float()
         if self.has_min:
-            lo, hi = w.min(dim=1).values, w.max(dim=1).values
+            lo, hi = w.min(dim=-1).values, w.max(dim=-1).values
             d = (hi - lo) / (self.n_codes - 1)
             f["m"][:, bi], f["lo"][:, bi] = f16(lo), lo
         elif self.bits == 8:
-            d = w.abs().max(dim=1).values / 127
+            d = w.abs().max(dim=-1).values / 127
         else:
-            d = w.gather(1, w.abs().argmax(dim=1, keepdim=True)).squeeze(1) / -self.offset
+            d = w.gather(-1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1) / -self.offset
         f["d"][:, bi] = f16(d)
         f["id"][:, bi] = torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, torch.ones_like(d), d))
+
+    def fit_rows(self, f, W, imp):  # every block at once: bi = slice(None), w (m, n/32, 32)
+        self.fit_block(f, slice(None), W.reshape(W.shape[0], -1, 32), imp)
 
     def round(self, f, s, x):
         idv = f["id"][:, s, None]
@@ -75,6 +78,14 @@ class Legacy(Codec):
         else:
             q = torch.trunc(x * idv + (self.offset + 0.5))
         return q.clamp_(0, self.n_codes - 1).long()
+
+    def derive(self, f):
+        """Fill the solver-only fields from stored ``d`` (and ``m``): ``1/d`` and the minimum :meth:`round` uses
+        (parameters fixed elsewhere, :mod:`.refit`)."""
+        d = f["d"]
+        f["id"] = torch.where(d == 0, torch.zeros_like(d), 1 / torch.where(d == 0, torch.ones_like(d), d))
+        if self.has_min:
+            f["lo"] = f["m"].clone()
 
     def pack(self, f):
         codes = f["codes"]

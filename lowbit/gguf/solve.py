@@ -74,13 +74,35 @@ def solve(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, name: str |
     imp = torch.diag(H).float()
     if codec.unit > 1:
         f, lam = _vector_feedback(W, H, imp, codec, cfg)
+        if cfg.gguf_refit:
+            from .refit import refine
+
+            f = refine(codec, codec.unpack(codec.pack(f)), W, H, cfg.gguf_refit,
+                       lambda fixed: _vector_feedback(W, H, imp, codec, cfg, fixed)[0])
         packed = GGUFWeight.from_fields(gtype.name, f)
         return packed, {"loss": proxy_loss(W, packed.dequantize().to(W.device), H), "damp": lam, **info}
+    f, lam = _scalar_feedback(W, H, imp, codec, cfg)
+    if cfg.gguf_refit:
+        from .refit import refine
+
+        f = refine(codec, codec.unpack(codec.pack(f)), W, H, cfg.gguf_refit,
+                   lambda fixed: _scalar_feedback(W, H, imp, codec, cfg, fixed)[0])
+    packed = GGUFWeight.from_fields(gtype.name, f)
+    return packed, {"loss": proxy_loss(W, packed.dequantize().to(W.device), H), "damp": lam, **info}
+
+
+def _scalar_feedback(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, codec, cfg: QuantConfig,
+                     fixed: dict | None = None):
+    """GPTQ/FOEM on a scalar type, column by column (module docstring).  ``fixed``: stored fields whose
+    parameters are kept (:mod:`.refit`); only the codes are solved, in act-order or natural order."""
+    m, n = W.shape
     f = codec.fields(m, n, W.device)
-    upfront = cfg.act_order
-    perm = torch.argsort(imp, descending=True, stable=True) if upfront else None
-    if upfront:
+    upfront = cfg.act_order or fixed is not None
+    if fixed is not None:
+        _install(codec, f, fixed)
+    elif upfront:
         codec.fit_all(f, W, imp)
+    perm = torch.argsort(imp, descending=True, stable=True) if cfg.act_order else None
     col_of = (perm if perm is not None else torch.arange(n, device=W.device)).tolist()
     U, lam = inverse_cholesky(H, cfg.damp, perm=perm)
     block, sub = codec.block, codec.sub
@@ -100,17 +122,27 @@ def solve(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, name: str |
     beta = cfg.beta if cfg.method == Method.FOEM else 0.0
     column_feedback(W, U, quantize, block_size=lazy, beta=beta, W_orig=W, pullback=cfg.pullback, perm=perm,
                     with_loss=False)
-    del U
-    packed = GGUFWeight.from_fields(gtype.name, f)
-    return packed, {"loss": proxy_loss(W, packed.dequantize().to(W.device), H), "damp": lam, **info}
+    return f, lam
 
 
-def _vector_feedback(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, codec, cfg: QuantConfig):
+def _install(codec, f: dict, fixed: dict) -> None:
+    """Copy the stored parameters of ``fixed`` (every field but the codes) into solver fields ``f``."""
+    for k, v in fixed.items():
+        if k != "codes":
+            f[k] = v.clone()
+    derive = getattr(codec, "derive", None)
+    if derive is not None:
+        derive(f)
+
+
+def _vector_feedback(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, codec, cfg: QuantConfig,
+                     fixed: dict | None = None):
     """GPTQ/FOEM on a vector grid (:class:`~.iquants.VectorIQ`): BlockLDLQ, the engine with ``unit = 8``
     consecutive columns quantized at once (nearest grid point and signs, weighted by ``diag(H)``) and their
     error fed back through ``U_kk⁻¹``.  Act-order moves whole units (by decreasing ``Σ diag(H)`` over the 8),
     with every scale fitted up front on the original weights (static groups); otherwise ``d`` and ``l`` are
-    fixed from the current weights when the super-block's / sub-block's first column is reached."""
+    fixed from the current weights when the super-block's / sub-block's first column is reached.  ``fixed``:
+    stored fields whose scales are kept (:mod:`.refit`)."""
     m, n = W.shape
     u8 = codec.unit
     f = codec.fields(m, n, W.device)
@@ -118,13 +150,16 @@ def _vector_feedback(W: torch.Tensor, H: torch.Tensor, imp: torch.Tensor, codec,
     if cfg.act_order:
         order = torch.argsort(imp.view(-1, u8).sum(1), descending=True, stable=True)
         perm = (order[:, None] * u8 + torch.arange(u8, device=W.device)).reshape(-1)
-        codec.fit_all(f, W, imp)
+        if fixed is None:
+            codec.fit_all(f, W, imp)
+    if fixed is not None:
+        _install(codec, f, fixed)
     unit_of = (perm[::u8] // u8 if perm is not None else torch.arange(n // u8, device=W.device)).tolist()
     U, lam = inverse_cholesky(H, cfg.damp, perm=perm)
     block, sub = codec.block, codec.sub
 
     def quantize(p: int, Wlive: torch.Tensor) -> torch.Tensor:
-        if perm is None:
+        if perm is None and fixed is None:
             if p % block == 0:
                 codec.fit_block(f, p // block, Wlive[:, p:p + block], imp[p:p + block])
             if p % sub == 0:

@@ -9,8 +9,11 @@
 * :mod:`.quip_cpu` — QuIP#'s E8P/RVQ codes decoded on the fly (``"quip"``, codebook ``e8p``);
 * :mod:`.mixed_cpu` — Squeeze10's mixed binary / high-bit cells (``"bin+int"``): bit-plane table lookups and
   the high cells' codes read on the fly, float activations (the same result under ``"auto"`` and ``"exact"``);
+* :mod:`.int4_torch` — on CUDA, 4-bit ``"int"`` weights with contiguous groups of 32–256: torch's tinygemm int4
+  matmul (``aten._weight_int4pack_mm``, sm80+), repacked once per layer, bf16 math (under ``"exact"`` only for
+  bf16 inputs);
 * :mod:`.reference` — ``x @ packed.dequantize(x.dtype).T`` for everything else: other formats
-  (formats added later), CUDA tensors, buffers not in a kernel's layout (``model.to(torch.bfloat16)`` makes fp16
+  (formats added later), other CUDA weights, buffers not in a kernel's layout (``model.to(torch.bfloat16)`` makes fp16
   scales bf16: every ``supports()`` checks each tensor's dtype, device and shape), inputs that need gradients,
   or when the fast kernel cannot be built (no C++ compiler, build error); that fallback is announced once with
   :func:`warnings.warn`.

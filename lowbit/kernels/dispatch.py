@@ -1,8 +1,9 @@
 """The dispatcher: which kernel computes ``y = x Ŵᵀ`` for a packed weight, and the backends.
 
-``KERNELS`` is the one table of compiled kernels, in the order they are asked.  Each module in it has
-``supports(packed, x)`` (format, every tensor's dtype/device/shape — see :mod:`.checks`), ``available()``
-(builds on first use), ``unavailable_reason()``, ``describe()`` (the paths compiled in) and ``plan(packed)``.
+``KERNELS`` is the one table of kernels (compiled C++, or torch's own CUDA op), in the order they are asked.
+Each module in it has ``supports(packed, x)`` (format, every tensor's dtype/device/shape — see :mod:`.checks`),
+``available()`` (builds on first use), ``unavailable_reason()``, ``describe()`` (the paths compiled in) and
+``plan(packed)``.
 A weight no kernel supports, or whose kernel could not be built, takes :mod:`.reference`.
 """
 from __future__ import annotations
@@ -16,12 +17,14 @@ from typing import NamedTuple
 
 import torch
 
-from . import feedback_cpu, group_cpu, mixed_cpu, outliers, quip_cpu, reference
+from . import feedback_cpu, group_cpu, int4_torch, mixed_cpu, outliers, quip_cpu, reference
 
 BACKENDS = ("auto", "exact", "reference")
-KERNELS = {"group_cpu": group_cpu, "outliers": outliers, "quip_cpu": quip_cpu, "mixed_cpu": mixed_cpu}
+KERNELS = {"group_cpu": group_cpu, "outliers": outliers, "quip_cpu": quip_cpu, "mixed_cpu": mixed_cpu,
+           "int4_torch": int4_torch}
 SOLVER_KERNELS = {"feedback_cpu": feedback_cpu}  # quantization-time loops (lowbit.solvers.feedback), not matmuls
 _INT8_ACT = ("group_cpu", "outliers")  # kernels with an int8-activation decode path
+_BF16_MATH = ("int4_torch",)  # kernels computing in bf16 (inputs cast): under "exact" for bf16 inputs only
 _backend = os.environ.get("LOWBIT_KERNELS", "auto")
 _warned: set[str] = set()
 
@@ -57,11 +60,11 @@ def kernel_name(packed, x: torch.Tensor | None = None) -> str:
     if _backend == "reference" or (x.requires_grad and torch.is_grad_enabled()):
         return "reference"
     for name, mod in KERNELS.items():
-        if not mod.supports(packed, x):
+        if not mod.supports(packed, x) or (name in _BF16_MATH and _backend == "exact" and x.dtype != torch.bfloat16):
             continue
         if mod.available():  # compiles on the first call only
             return name
-        _warn_once(name, f"lowbit: the fast CPU kernel ({name}) is unavailable, using the slower reference path "
+        _warn_once(name, f"lowbit: the fast kernel ({name}) is unavailable, using the slower reference path "
                    f"({mod.unavailable_reason()})")
     return "reference"
 

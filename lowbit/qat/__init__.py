@@ -164,7 +164,8 @@ def quantize_dlqat(fp_model: nn.Module, tokenizer, spec: ArchSpec, quant: QuantC
 
     dtype = calib_dtype(calib.dtype, device)
     stats = train_loop(fp_model, params, ids, qat, calib.seqlen, device, teacher=teacher,
-                       work_dir=None if work_dir is None else Path(work_dir), progress=progress, dtype=dtype)
+                       work_dir=None if work_dir is None else Path(work_dir), progress=progress, dtype=dtype,
+                       grid={"quant": quant.to_json(), "gguf_types": gguf_types or {}})
     del teacher
     results = QATResults(export(fp_model, modules, layers))
     for full, lp in (layers or {}).items():

@@ -54,9 +54,11 @@ def lm_loss(model: nn.Module, ids: torch.Tensor, teacher: nn.Module | None = Non
     return F.kl_div(student, target, log_target=True, reduction="batchmean")
 
 
-def _resume_key(qat: QATConfig, seqlen: int, names: list[str]) -> str:
+def _resume_key(qat: QATConfig, seqlen: int, names: list[str], grid: dict | None = None) -> str:
+    """What a checkpoint must have been trained with to be resumed: the training settings, the window length,
+    the parameters and ``grid`` (the quantization settings the fake-quantizers train on: bits, groups, types)."""
     keep = {k: v for k, v in qat.to_json().items() if k not in ("save_every", "resume")}
-    return dumps({**keep, "seqlen": seqlen, "n_params": len(names)}, sort_keys=True)
+    return dumps({**keep, "seqlen": seqlen, "n_params": len(names), "grid": grid or {}}, sort_keys=True)
 
 
 def save_state(work_dir: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
@@ -115,11 +117,12 @@ def load_state(work_dir: Path, params: dict[str, nn.Parameter], opt: torch.optim
 
 def train(model: nn.Module, params: dict[str, nn.Parameter], ids: torch.Tensor, qat: QATConfig, seqlen: int,
           device, teacher: nn.Module | None = None, work_dir: Path | None = None, progress: bool = True,
-          dtype: torch.dtype = torch.float32) -> dict:
+          dtype: torch.dtype = torch.float32, grid: dict | None = None) -> dict:
     """Train ``params`` (every other parameter of ``model`` frozen) on windows of ``ids`` (L,).
 
     ``dtype`` bfloat16/float16: the forward passes run under autocast (matmuls in that dtype); the
-    fake-quantized weights, the trained parameters and the optimizer stay float32.
+    fake-quantized weights, the trained parameters and the optimizer stay float32.  ``grid`` (JSON) is the
+    quantization the parameters are trained for; a checkpoint written for another one is not resumed.
 
     Returns ``{"losses": [per-step loss], "train_seconds", "seconds_per_step", "resumed_from"}``."""
     for p in model.parameters():
@@ -128,7 +131,7 @@ def train(model: nn.Module, params: dict[str, nn.Parameter], ids: torch.Tensor, 
         p.requires_grad_(True)
     model.eval()  # no dropout: the run is a deterministic function of the seed
     opt = torch.optim.AdamW(list(params.values()), lr=qat.lr, betas=(0.9, 0.999), weight_decay=0.0)
-    key = _resume_key(qat, seqlen, list(params))
+    key = _resume_key(qat, seqlen, list(params), grid)
     start, losses = (load_state(work_dir, params, opt, key) if qat.resume and work_dir is not None else (0, []))
     t0 = time.perf_counter()
     bar = tqdm(range(start, qat.steps), desc="dl-qat", unit="step", disable=not progress,
