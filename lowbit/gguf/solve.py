@@ -19,6 +19,8 @@ as llama.cpp does (:func:`lowbit.gguf.types.resolve`), reported in ``info["gguf_
   With act-order (GGUF has no ``g_idx``: static groups only) all parameters are fitted up front on
   the original weights and the columns are quantized by decreasing ``diag(H)``.  Every parameter fit
   weights column ``j``'s squared error by ``H_jj``, as llama.cpp's importance matrix does.
+* ``--gguf-refit N`` (:mod:`.refit`): then N rounds of the fp16 block fields re-fitted to the full ``H`` with the
+  codes fixed, and the codes solved again with those fields fixed (``fixed=``), the best per row kept.
 """
 from __future__ import annotations
 
@@ -72,21 +74,13 @@ def solve(W: torch.Tensor, H: torch.Tensor | None, cfg: QuantConfig, name: str |
         return packed, {"loss": loss, **info}
     W, H = fixed_inputs(W, H)
     imp = torch.diag(H).float()
-    if codec.unit > 1:
-        f, lam = _vector_feedback(W, H, imp, codec, cfg)
-        if cfg.gguf_refit:
-            from .refit import refine
-
-            f = refine(codec, codec.unpack(codec.pack(f)), W, H, cfg.gguf_refit,
-                       lambda fixed: _vector_feedback(W, H, imp, codec, cfg, fixed)[0])
-        packed = GGUFWeight.from_fields(gtype.name, f)
-        return packed, {"loss": proxy_loss(W, packed.dequantize().to(W.device), H), "damp": lam, **info}
-    f, lam = _scalar_feedback(W, H, imp, codec, cfg)
+    run = _vector_feedback if codec.unit > 1 else _scalar_feedback
+    f, lam = run(W, H, imp, codec, cfg)
     if cfg.gguf_refit:
         from .refit import refine
 
         f = refine(codec, codec.unpack(codec.pack(f)), W, H, cfg.gguf_refit,
-                   lambda fixed: _scalar_feedback(W, H, imp, codec, cfg, fixed)[0])
+                   lambda fixed: run(W, H, imp, codec, cfg, fixed)[0])
     packed = GGUFWeight.from_fields(gtype.name, f)
     return packed, {"loss": proxy_loss(W, packed.dequantize().to(W.device), H), "damp": lam, **info}
 
