@@ -101,16 +101,13 @@ def refine(codec, f: dict, W: torch.Tensor, H: torch.Tensor, rounds: int, resolv
     """``rounds`` of (:func:`refit` the float fields of ``f`` (unpacked), then ``resolve(fields)`` → new fields: the
     codes solved again with those parameters fixed), keeping for every row the lowest proxy loss seen.  Each
     round never raises a row's loss."""
-    best, loss = f, _row_loss(W.float() - codec.decode(f), H.float())
+    W, H = W.float(), H.float()
+    best = f
     for _ in range(rounds):
         g, k = refit(codec, best, W, H)
         if k == 0:
             break
         h = codec.unpack(codec.pack(resolve(g)))
-        lg = _row_loss(W.float() - codec.decode(g), H.float())
-        lh = _row_loss(W.float() - codec.decode(h), H.float())
-        take = lh < lg
+        take = _row_loss(W - codec.decode(h), H) < _row_loss(W - codec.decode(g), H)
         best = {key: torch.where(take.view(-1, *([1] * (g[key].dim() - 1))), h[key], g[key]) for key in g}
-        loss = torch.minimum(lg, lh)
-    del loss
     return best
