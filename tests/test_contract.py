@@ -198,6 +198,8 @@ CASES = [
     C("quantize-damp-not-a-number", "quantize {fp} --damp lots " + Q, "--damp"),
     C("quantize-option-of-another-method", "quantize {fp} --method gptq --beta 0.3 " + Q, "--beta applies only"),
     C("quantize-gguf-type-unknown", "quantize {fp} --gguf-type Q7_K_M " + RTN, "--gguf-type Q7_K_M"),
+    C("quantize-gguf-refit-negative", "quantize {fp} --gguf-type Q4_0 --gguf-refit -1 " + Q, "--gguf-refit -1"),
+    C("quantize-gguf-refit-with-rtn", "quantize {fp} --gguf-type Q4_0 --gguf-refit 1 " + RTN, "--gguf-refit re-fits"),
     C("eval-nan-ppl", "eval {tmp}/ck --text {text} --seqlen 32 --max-tokens 64 --json {tmp}/e.json " + Q, "{tmp}/ck",
       ck(tensors=_nan_scales)),
     # --- 4. outputs checked before the work, nothing left behind -----------------------------------------------------
