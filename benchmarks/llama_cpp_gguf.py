@@ -167,6 +167,9 @@ def main() -> None:
                     help="--target-bpw: the types lowbit chooses from")
     ap.add_argument("--lowbit-args", default="", help="more lowbit quantize flags for the method rows "
                                                       "(e.g. '--damp 0.1'); part of the row's name")
+    ap.add_argument("--gguf-refit", type=int, default=None, metavar="N",
+                    help="lowbit's --gguf-refit for the method rows (default: lowbit's own default for the method, "
+                         "1 for gptq/foem/quip/awq); part of the row's name when not 0")
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows (lowbit and llama-imatrix)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--ctx", type=int, default=512, help="llama-perplexity and lowbit eval window")
@@ -210,14 +213,28 @@ def main() -> None:
         print(rows[-1], file=sys.stderr, flush=True)
         return rows[-1]
 
-    def lowbit_file(stem: str, args: list[str]) -> Path:
+    def refit_rounds(method: str) -> int:
+        """``--gguf-refit`` as given, else lowbit's default for ``method`` on a GGUF type (its config decides)."""
+        if a.gguf_refit is not None:
+            return a.gguf_refit
+        from lowbit.config import QuantConfig
+
+        return QuantConfig(method=method, gguf_type="Q4_0").gguf_refit
+
+    def lowbit_file(stem: str, args: list[str], method: str) -> tuple[Path, str]:
+        """The exported GGUF of ``lowbit quantize … args`` (cached under ``stem``, which names the refit rounds),
+        and the rounds' part of the row's name."""
+        r = refit_rounds(method)
+        refit = f" --gguf-refit {r}" if r else ""
+        stem += f"-refit{r}" if r else ""
+        args = [*args, "--gguf-refit", str(r)]
         ckpt, out = work / stem, work / f"{stem}.gguf"
         if not (ckpt / "lowbit.json").is_file():
             cli("quantize", "smollm2-135m", *args, "--nsamples", str(a.nsamples), "--seqlen", str(a.seqlen),
                 "--out", str(ckpt))
         if not out.is_file():
             cli("export", str(ckpt), "--format", "gguf", "--out", str(out))
-        return out
+        return out, refit
 
     def compare(out: Path, theirs: Path, ref: dict) -> dict:
         diff = type_diff(tensor_types(out), tensor_types(theirs))
@@ -251,22 +268,22 @@ def main() -> None:
         theirs = work / f"llama-{t}-imatrix.gguf"
         ours = lowbit_name(t, a.pure)
         for method in [m for m in a.methods.split(",") if m]:
-            out = lowbit_file(f"lowbit-{method}-{ours}{'-' + tag if tag else ''}",
-                              ["--method", method, "--gguf-type", ours, *extra])
-            row(f"lowbit {method} --gguf-type {ours} {a.lowbit_args}".strip(), out)
+            out, refit = lowbit_file(f"lowbit-{method}-{ours}{'-' + tag if tag else ''}",
+                                     ["--method", method, "--gguf-type", ours, *extra], method)
+            row(f"lowbit {method} --gguf-type {ours}{refit} {a.lowbit_args}".strip(), out)
             compare(out, theirs, ref)
         weights, theirs_bytes = layout(theirs)  # header and padding: llama-quantize's, plus HEADER_SLACK for lowbit's
         overhead = theirs.stat().st_size - theirs_bytes + HEADER_SLACK
         bpw, emb = budget_bpw(theirs.stat().st_size, overhead, weights), tensor_types(theirs)["token_embd.weight"]
         for method in [m for m in a.target_bpw.split(",") if m]:
             try:
-                out = lowbit_file(f"lowbit-{method}-bpw{bpw:.4f}-{emb}",
-                                  ["--method", method, "--target-bpw", f"{bpw:.4f}", "--embedding-type", emb,
-                                   "--bpw-candidates", a.bpw_candidates])
+                out, refit = lowbit_file(f"lowbit-{method}-bpw{bpw:.4f}-{emb}",
+                                         ["--method", method, "--target-bpw", f"{bpw:.4f}", "--embedding-type", emb,
+                                          "--bpw-candidates", a.bpw_candidates], method)
             except subprocess.CalledProcessError:
                 print(f"lowbit {method} --target-bpw {bpw:.4f} ({t}'s size): refused, left out", file=sys.stderr)
                 continue
-            row(f"lowbit {method} --target-bpw {bpw:.4f} ({t}'s size)", out)
+            row(f"lowbit {method} --target-bpw {bpw:.4f}{refit} ({t}'s size)", out)
             compare(out, theirs, ref)
 
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731

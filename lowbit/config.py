@@ -75,9 +75,11 @@ class GridConfig:
     rotate: bool | None = option(None, "fold a seeded Hadamard rotation of the residual stream into the float model "
                                        "before the method runs (exact; a tied head is untied; lowbit.models.rotate) "
                                        "(default: on for quip with --gguf-type, off otherwise)", type=bool)
-    gguf_refit: int = option(0, "GGUF types, GPTQ/FOEM/QuIP#: rounds of re-fitting the fp16 block scales to the "
-                                "layer's full Hessian with the codes fixed, then solving the codes again with those "
-                                "scales (lowbit.gguf.refit; never raises a row's proxy loss; 0 = off)", metavar="N")
+    gguf_refit: int | None = option(None, "GGUF types, GPTQ/FOEM/QuIP#/AWQ: rounds of re-fitting the fp16 block "
+                                          "scales to the layer's full Hessian with the codes fixed, then solving the "
+                                          "codes again with those scales (lowbit.gguf.refit; never raises a row's "
+                                          "proxy loss; 0 = off; default: 1 where it applies, 0 otherwise)",
+                                    metavar="N", type=int)
     target_bpw: float | None = option(None, "choose each linear's GGUF type (from --bpw-candidates) for the least "
                                             "total proxy error with the GGUF file at most B bits per weight "
                                             "(lowbit.gguf.budget); instead of --gguf-type", metavar="B", type=float)
@@ -96,7 +98,8 @@ class GridConfig:
             raise LowbitError(f"--damp {self.damp} must be positive")
         if self.block_size < 1:
             raise LowbitError(f"--block-size {self.block_size} must be positive")
-        if self.gguf_refit < 0 or (self.gguf_refit and self.gguf_type is None and self.target_bpw is None):
+        if self.gguf_refit is not None and (self.gguf_refit < 0 or (self.gguf_refit and self.gguf_type is None
+                                                                     and self.target_bpw is None)):
             raise LowbitError(f"--gguf-refit {self.gguf_refit}: a number of rounds ≥ 0, with --gguf-type or "
                               "--target-bpw")
         if self.gguf_type is not None:
@@ -230,8 +233,11 @@ class QuantConfig:
 
             ok = [m.name for m in REGISTRY.values() if m.gguf]
             raise LowbitError(f"--gguf-type applies to --method {', '.join(ok[:-1])} or {ok[-1]}, not {spec.name}")
-        if grid.gguf_refit and (spec.name not in ("gptq", "foem", "quip", "awq")
-                                or getattr(options, "awq_solver", "gptq") == "rtn"):
+        hessian = spec.name in ("gptq", "foem", "quip", "awq") and getattr(options, "awq_solver", "gptq") != "rtn"
+        if grid.gguf_refit is None:  # not given: one round wherever it applies (a GGUF grid and a Hessian solve)
+            on = hessian and (grid.gguf_type is not None or grid.target_bpw is not None)
+            object.__setattr__(grid, "gguf_refit", int(on))
+        if grid.gguf_refit and not hessian:
             raise LowbitError(f"--gguf-refit re-fits a Hessian solve: it applies to --method gptq, foem, quip or awq "
                               f"(--awq-solver gptq), not {spec.name}{' --awq-solver rtn' if spec.name == 'awq' else ''}")
         if grid.target_bpw is not None and not spec.gguf:
@@ -257,8 +263,9 @@ class QuantConfig:
     @classmethod
     def from_json(cls, d: dict) -> "QuantConfig":
         """The config saved in a ``lowbit.json`` (also an old one, whose ``config`` lists every method's settings:
-        the ones that do not apply to its method are ignored)."""
-        return cls(**applicable(d))
+        the ones that do not apply to its method are ignored).  One written before ``gguf_refit`` existed ran
+        without it: 0, not today's default."""
+        return cls(**{"gguf_refit": 0, **applicable(d)})
 
     def replace(self, **changes) -> "QuantConfig":
         """A copy with ``changes`` (flat settings, ``method`` too)."""

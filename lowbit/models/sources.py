@@ -8,6 +8,7 @@ pickles), and every parameter and persistent buffer must come from them (:func:`
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -69,14 +70,53 @@ def _gguf_cache_path(folder: str, gguf_file: str) -> Path:
     return cache_dir() / "gguf" / f"{Path(gguf_file).stem}-{key}"
 
 
+def gguf_cache_limit() -> int:
+    """Bytes the GGUF float copies may take together: ``$LOWBIT_GGUF_CACHE_GB`` (default 4; 0 = keep none)."""
+    raw = os.environ.get("LOWBIT_GGUF_CACHE_GB", "4")
+    try:
+        gb = float(raw)
+    except ValueError:
+        raise LowbitError(f"LOWBIT_GGUF_CACHE_GB={raw!r}: a number of GB (0 = keep no float copy)") from None
+    if not 0 <= gb < float("inf"):
+        raise LowbitError(f"LOWBIT_GGUF_CACHE_GB={raw!r}: a number of GB (0 = keep no float copy)")
+    return int(gb * 1e9)
+
+
+def _size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def prune_gguf_cache(limit: int, keep: Path | None = None) -> list[Path]:
+    """Delete the least recently used float copies (folder mtime, touched on every hit) until the rest fit in
+    ``limit`` bytes; ``keep`` (the copy just written or read) goes last.  Returns the deleted folders."""
+    root = cache_dir() / "gguf"
+    if not root.is_dir():
+        return []
+    entries = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".tmp-")]
+    entries.sort(key=lambda d: (d == keep, d.stat().st_mtime))  # oldest first, ``keep`` at the end
+    total, gone = sum(_size(d) for d in entries), []
+    for d in entries:
+        if total <= limit:
+            break
+        total -= _size(d)
+        shutil.rmtree(d, ignore_errors=True)
+        gone.append(d)
+    return gone
+
+
 def _cache_gguf(model, tokenizer, target: Path) -> None:
-    """Save a dequantized GGUF model as a float32 safetensors folder (atomic; best effort)."""
+    """Save a dequantized GGUF model as a float32 safetensors folder (atomic; best effort), then drop the least
+    recently used copies beyond :func:`gguf_cache_limit` (a model larger than the limit is not kept)."""
+    limit = gguf_cache_limit()
+    if limit <= 0:
+        return
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         tmp.rename(target)
+        prune_gguf_cache(limit, keep=target)
     except OSError:
         shutil.rmtree(locals().get("tmp", target.parent / ".none"), ignore_errors=True)
 
@@ -218,6 +258,8 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, trust_remote_cod
         if (cached / "config.json").is_file():
             path = str(cached)
             where = str(_check_folder(cached, trust_remote_code))
+            with contextlib.suppress(OSError):
+                os.utime(cached)  # recently used: pruned last
         else:
             kw["gguf_file"] = info["gguf_file"]
     if info["kind"] == "folder":
