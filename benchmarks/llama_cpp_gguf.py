@@ -29,6 +29,7 @@ says how to build them from the sources vendored in the llama-cpp-python sdist.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -163,8 +164,9 @@ def main() -> None:
     ap.add_argument("--methods", default="gptq", help="lowbit methods, comma-separated (gptq, foem, rtn)")
     ap.add_argument("--target-bpw", default="", metavar="METHODS",
                     help="also these methods with --target-bpw at llama-quantize+imatrix's file size, comma-separated")
-    ap.add_argument("--bpw-candidates", default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,IQ4_NL,IQ4_XS,Q4_1,Q5_0",
-                    help="--target-bpw: the types lowbit chooses from")
+    ap.add_argument("--bpw-candidates", default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,IQ4_NL,IQ4_XS,Q5_0",
+                    help="--target-bpw: the types lowbit chooses from (not Q4_1 by default: the demo's weights "
+                         "already sit on its grid, so it would find them back losslessly); part of the row's name")
     ap.add_argument("--lowbit-args", default="", help="more lowbit quantize flags for the method rows "
                                                       "(e.g. '--damp 0.1'); part of the row's name")
     ap.add_argument("--gguf-refit", type=int, default=None, metavar="N",
@@ -277,13 +279,14 @@ def main() -> None:
         bpw, emb = budget_bpw(theirs.stat().st_size, overhead, weights), tensor_types(theirs)["token_embd.weight"]
         for method in [m for m in a.target_bpw.split(",") if m]:
             try:
-                out, refit = lowbit_file(f"lowbit-{method}-bpw{bpw:.4f}-{emb}",
+                cands = hashlib.sha256(a.bpw_candidates.encode()).hexdigest()[:8]
+                out, refit = lowbit_file(f"lowbit-{method}-bpw{bpw:.4f}-{emb}-{cands}",
                                          ["--method", method, "--target-bpw", f"{bpw:.4f}", "--embedding-type", emb,
                                           "--bpw-candidates", a.bpw_candidates], method)
             except subprocess.CalledProcessError:
                 print(f"lowbit {method} --target-bpw {bpw:.4f} ({t}'s size): refused, left out", file=sys.stderr)
                 continue
-            row(f"lowbit {method} --target-bpw {bpw:.4f}{refit} ({t}'s size)", out)
+            row(f"lowbit {method} --target-bpw {bpw:.4f}{refit} --bpw-candidates {a.bpw_candidates} ({t}'s size)", out)
             compare(out, theirs, ref)
 
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
