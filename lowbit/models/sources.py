@@ -76,7 +76,7 @@ def gguf_cache_limit() -> int:
     try:
         gb = float(raw)
     except ValueError:
-        raise LowbitError(f"LOWBIT_GGUF_CACHE_GB={raw!r}: a number of GB (0 = keep no float copy)") from None
+        gb = float("nan")
     if not 0 <= gb < float("inf"):
         raise LowbitError(f"LOWBIT_GGUF_CACHE_GB={raw!r}: a number of GB (0 = keep no float copy)")
     return int(gb * 1e9)
@@ -94,11 +94,12 @@ def prune_gguf_cache(limit: int, keep: Path | None = None) -> list[Path]:
         return []
     entries = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".tmp-")]
     entries.sort(key=lambda d: (d == keep, d.stat().st_mtime))  # oldest first, ``keep`` at the end
-    total, gone = sum(_size(d) for d in entries), []
-    for d in entries:
+    sizes = [_size(d) for d in entries]
+    total, gone = sum(sizes), []
+    for d, size in zip(entries, sizes):
         if total <= limit:
             break
-        total -= _size(d)
+        total -= size
         shutil.rmtree(d, ignore_errors=True)
         gone.append(d)
     return gone
