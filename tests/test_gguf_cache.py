@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lowbit
+from helpers import run_cli
 from lowbit.errors import LowbitError
 from lowbit.export import export_gguf
 from lowbit.models.sources import gguf_cache_limit, load_model, prune_gguf_cache
@@ -46,7 +47,7 @@ def test_bad_limit_is_one_line_naming_the_variable(monkeypatch, raw):
 
 
 @pytest.mark.e2e
-def test_loads_keep_a_copy_within_the_limit(tiny_models, tmp_path, monkeypatch):
+def test_loads_keep_a_copy_within_the_limit(tiny_models, tmp_path, monkeypatch, capsys):
     ckpt = tmp_path / "q"
     lowbit.quantize(str(tiny_models["llama"]), method="rtn", bits=4, group_size=32, out=ckpt, progress=False)
     files = []
@@ -55,6 +56,12 @@ def test_loads_keep_a_copy_within_the_limit(tiny_models, tmp_path, monkeypatch):
         export_gguf(ckpt, files[-1])
     monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path / "cache"))
     copies = lambda: sorted(p.parent.name.split("-")[0] for p in (tmp_path / "cache").rglob("config.json"))  # noqa: E731
+
+    monkeypatch.setenv("LOWBIT_GGUF_CACHE_GB", "lots")  # the CLI: one line naming the variable, exit 2
+    code, err = run_cli(capsys, "eval", str(files[0]), "--seqlen", "16", "--max-tokens", "32")
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code == 2 and "Traceback" not in err and "LOWBIT_GGUF_CACHE_GB='lots'" in lines[-1], err
+    assert copies() == []
 
     monkeypatch.setenv("LOWBIT_GGUF_CACHE_GB", "0")
     first, _, _ = load_model(str(files[0]))
