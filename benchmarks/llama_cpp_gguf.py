@@ -164,9 +164,12 @@ def main() -> None:
     ap.add_argument("--methods", default="gptq", help="lowbit methods, comma-separated (gptq, foem, rtn)")
     ap.add_argument("--target-bpw", default="", metavar="METHODS",
                     help="also these methods with --target-bpw at llama-quantize+imatrix's file size, comma-separated")
-    ap.add_argument("--bpw-candidates", default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,IQ4_NL,IQ4_XS,Q5_0",
+    ap.add_argument("--bpw-candidates", default="Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,Q8_0,IQ4_NL,IQ4_XS,Q5_0,IQ3_XXS,IQ3_S,"
+                                                "IQ2_XS,IQ2_S",
                     help="--target-bpw: the types lowbit chooses from (not Q4_1 by default: the demo's weights "
-                         "already sit on its grid, so it would find them back losslessly); part of the row's name")
+                         "already sit on its grid, so it would find them back losslessly; the I-quants so that "
+                         "the 2-3-bit sizes are reachable); part of the cache name (lowbit measures them once "
+                         "for every size: $LOWBIT_CACHE/bpw-errors)")
     ap.add_argument("--lowbit-args", default="", help="more lowbit quantize flags for the method rows "
                                                       "(e.g. '--damp 0.1'); part of the row's name")
     ap.add_argument("--gguf-refit", type=int, default=None, metavar="N",

@@ -37,6 +37,9 @@ greedy by ``Δe/Δbits`` can waste the leftover: both can miss the optimum the D
 :data:`MAX_TABLE` entries is built on a coarser unit instead (from the layers' whole range, not from ``B``; each
 size rounded *up*, so the result still fits), then the bits the rounding left are spent greedily: feasible,
 near-optimal, no longer exactly monotone in ``B``.
+
+The measured errors do not depend on ``B``: :mod:`lowbit.gguf.measure_cache` keeps them between runs, so a
+sweep over sizes measures once.
 """
 from __future__ import annotations
 
@@ -242,9 +245,10 @@ def plan_run(model, tokenizer, spec, quant, calib, device, n_layers: int, calibr
         ids = tokenize(tokenizer, read_text(calib.source, split="calib"))
         check_window_count(ids, calib.nsamples, calib.seqlen)
         windows = distributed.shard(calibration_windows(ids, calib.nsamples, calib.seqlen, calib.seed))
-        stats = float_hessians(model, spec, windows, device=device, dtype=calib_dtype(calib.dtype, device),
-                               batch_size=calib.windows_per_batch(), progress=progress)
-    return plan(model, spec, quant, n_layers, stats)
+        dtype, batch = calib_dtype(calib.dtype, device), calib.windows_per_batch()
+        stats = float_hessians(model, spec, windows, device=device, dtype=dtype, batch_size=batch, progress=progress)
+        return plan(model, spec, quant, n_layers, stats, cache=(windows, (dtype, batch, torch.device(device).type)))
+    return plan(model, spec, quant, n_layers, None, cache=(None, ()))
 
 
 @dataclass
@@ -265,11 +269,17 @@ class Plan:
         return {**r, "achieved_bpw": bits / r["weights"], "loss": sum(losses) if done else None}
 
 
-def plan(model, spec, cfg, n_layers: int, stats=None) -> Plan:
+def plan(model, spec, cfg, n_layers: int, stats=None, cache: tuple | None = None) -> Plan:
     """Choose every linear's GGUF type for ``cfg.target_bpw`` (the module docstring).  ``stats``: an iterator of
     ``(name, W, H)`` (:func:`float_hessians`) for a calibrated method, or ``None`` (data-free: ``H = I``).
-    Refuses a target below what the candidates reach on this model before measuring anything."""
+    ``cache``: ``(windows, settings)`` of the stream ``stats`` comes from (``(None, ())`` data-free) to keep the
+    measured errors between runs in a single process (:mod:`lowbit.gguf.measure_cache`; a hit consumes no
+    ``stats``); ``None``: always measure.  Refuses a target below what the candidates reach on this model before
+    measuring anything."""
+    from ..calib.distributed import world
     from ..models.arch import blocks_of, linears_of
+    from . import measure_cache
+    from .solve import feedback
 
     target, cands = float(cfg.target_bpw), candidates_of(cfg.bpw_candidates)
     shapes = {f"{spec.blocks}.{i}.{n}": tuple(lin.weight.shape)
@@ -290,17 +300,23 @@ def plan(model, spec, cfg, n_layers: int, stats=None) -> Plan:
         raise LowbitError(f"--target-bpw {cfg.target_bpw}: below the smallest size the candidates reach on this model, "
                           f"{math.ceil(low * 1e4) / 1e4:.4f} bits/weight (candidates {','.join(cands)}; the embedding, "
                           f"head and norms count at {_types_text(others)}; see --embedding-type)")
-    measured: dict[str, list[float]] = {}
-    if stats is None:
-        for i, b in enumerate(blocks_of(model, spec)):
-            for n, lin in linears_of(b).items():
-                full = f"{spec.blocks}.{i}.{n}"
-                measured[full] = errors(lin.weight.detach(), None, opts[full])
-    else:
-        from .solve import feedback
-
-        for n, W, H in stats:  # RTN's fits weighted by diag(H) where the method's are (GPTQ, FOEM)
-            measured[n] = errors(W, H, opts[n], importance=feedback(cfg))
+    importance = stats is not None and feedback(cfg)
+    ckey = (measure_cache.key(model, opts, importance, MAX_ROWS, *cache)
+            if cache is not None and world()[1] == 1 else None)
+    measured = measure_cache.read(ckey, opts) if ckey else None
+    cached = measured is not None
+    if not cached:
+        measured = {}
+        if stats is None:
+            for i, b in enumerate(blocks_of(model, spec)):
+                for n, lin in linears_of(b).items():
+                    full = f"{spec.blocks}.{i}.{n}"
+                    measured[full] = errors(lin.weight.detach(), None, opts[full])
+        else:
+            for n, W, H in stats:  # RTN's fits weighted by diag(H) where the method's are (GPTQ, FOEM)
+                measured[n] = errors(W, H, opts[n], importance=importance)
+        if ckey:
+            measure_cache.write(ckey, opts, measured)
     capacity = math.floor(target * weights) - other_bits
     pick = choose([bits[n] for n in names], [measured[n] for n in names], capacity)
     types = {n: opts[n][k] for n, k in zip(names, pick)}
@@ -310,7 +326,7 @@ def plan(model, spec, cfg, n_layers: int, stats=None) -> Plan:
     predicted = other_bits + sum(bits[n][k] for n, k in zip(names, pick))
     record = {"target_bpw": target, "candidates": list(cands), "predicted_bpw": predicted / weights,
               "reachable_bpw": [low, high], "weights": weights, "other_bits": other_bits,
-              "proxy": "rtn, H = I" if stats is None else "rtn, float-stream H",
+              "proxy": "rtn, H = I" if stats is None else "rtn, float-stream H", "measured_cached": cached,
               "predicted_loss": sum(measured[n][k] for n, k in zip(names, pick)),
               "types": dict(sorted(counts.items(), key=lambda kv: tensor_bits(kv[0], (1, 256)))),
               "measured": {n: dict(zip(opts[n], measured[n])) for n in names}}
