@@ -125,6 +125,16 @@ def lowbit_name(t: str, pure: bool) -> str:
     return canonical(file_type(t))
 
 
+def refit_rounds(method: str, given: int | None, **grid) -> int:
+    """``--gguf-refit`` as ``given``, else lowbit's default for ``method`` on the row's ``grid`` (``gguf_type=T``
+    or ``target_bpw=B``; lowbit's config decides, and refuses a method the grid does not take)."""
+    if given is not None:
+        return given
+    from lowbit.config import QuantConfig
+
+    return QuantConfig(method=method, **grid).gguf_refit
+
+
 def scores(gguf: Path, a, base: Path) -> dict:
     """llama-perplexity's and lowbit eval's scores of ``gguf`` (cached next to it), and llama-bench's with --bench."""
     cache, st = gguf.with_suffix(".scores.json"), gguf.stat()
@@ -218,18 +228,10 @@ def main() -> None:
         print(rows[-1], file=sys.stderr, flush=True)
         return rows[-1]
 
-    def refit_rounds(method: str) -> int:
-        """``--gguf-refit`` as given, else lowbit's default for ``method`` on a GGUF type (its config decides)."""
-        if a.gguf_refit is not None:
-            return a.gguf_refit
-        from lowbit.config import QuantConfig
-
-        return QuantConfig(method=method, gguf_type="Q4_0").gguf_refit
-
-    def lowbit_file(stem: str, args: list[str], method: str) -> tuple[Path, str]:
+    def lowbit_file(stem: str, args: list[str], method: str, **grid) -> tuple[Path, str]:
         """The exported GGUF of ``lowbit quantize … args`` (cached under ``stem``, which names the refit rounds),
-        and the rounds' part of the row's name."""
-        r = refit_rounds(method)
+        and the rounds' part of the row's name; ``grid`` as :func:`refit_rounds` takes it."""
+        r = refit_rounds(method, a.gguf_refit, **grid)
         refit = f" --gguf-refit {r}" if r else ""
         stem += f"-refit{r}" if r else ""
         args = [*args, "--gguf-refit", str(r)]
@@ -274,7 +276,7 @@ def main() -> None:
         ours = lowbit_name(t, a.pure)
         for method in [m for m in a.methods.split(",") if m]:
             out, refit = lowbit_file(f"lowbit-{method}-{ours}{'-' + tag if tag else ''}",
-                                     ["--method", method, "--gguf-type", ours, *extra], method)
+                                     ["--method", method, "--gguf-type", ours, *extra], method, gguf_type=ours)
             row(f"lowbit {method} --gguf-type {ours}{refit} {a.lowbit_args}".strip(), out)
             compare(out, theirs, ref)
         weights, theirs_bytes = layout(theirs)  # header and padding: llama-quantize's, plus HEADER_SLACK for lowbit's
@@ -285,7 +287,7 @@ def main() -> None:
                 cands = hashlib.sha256(a.bpw_candidates.encode()).hexdigest()[:8]
                 out, refit = lowbit_file(f"lowbit-{method}-bpw{bpw:.4f}-{emb}-{cands}",
                                          ["--method", method, "--target-bpw", f"{bpw:.4f}", "--embedding-type", emb,
-                                          "--bpw-candidates", a.bpw_candidates], method)
+                                          "--bpw-candidates", a.bpw_candidates], method, target_bpw=bpw)
             except subprocess.CalledProcessError:
                 print(f"lowbit {method} --target-bpw {bpw:.4f} ({t}'s size): refused, left out", file=sys.stderr)
                 continue

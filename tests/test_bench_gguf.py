@@ -77,3 +77,12 @@ def test_lowbit_name_is_the_same_preset():
     assert bench.lowbit_name("q3_k_m", pure=False) == "Q3_K_M"
     assert bench.lowbit_name("Q4_0", pure=True) == "Q4_0"
     assert bench.lowbit_name("Q4_K_M", pure=True) == "Q4_K"
+
+
+def test_refit_rounds_are_lowbits_defaults_on_the_rows_own_grid():
+    """QuIP# takes only the vector-grid types, so its default is asked for on the row's type (a fixed probe type
+    such as Q4_0 was refused by lowbit and stopped the benchmark)."""
+    assert bench.refit_rounds("quip", None, gguf_type="MOSTLY_IQ2_XS") == 1
+    assert bench.refit_rounds("gptq", None, target_bpw=5.1) == 1
+    assert bench.refit_rounds("rtn", None, gguf_type="Q4_0") == 0
+    assert bench.refit_rounds("quip", 2, gguf_type="MOSTLY_IQ2_XS") == 2
