@@ -79,3 +79,19 @@ def test_loads_keep_a_copy_within_the_limit(tiny_models, tmp_path, monkeypatch, 
     monkeypatch.setenv("LOWBIT_GGUF_CACHE_GB", str(1.5 * size / 1e9))
     prune_gguf_cache(gguf_cache_limit())
     assert copies() == ["m0"]  # m1 was the least recently used
+
+
+def test_a_hit_is_newer_than_a_copy_written_in_the_same_clock_tick(tmp_path, monkeypatch):
+    """File times tick coarsely: a copy written a moment before a hit can carry the same time as "now", so the
+    touch goes just past the newest copy and the pruning order cannot tie (it did under load: m0 was pruned)."""
+    import time
+
+    from lowbit.models.sources import _touch
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    later = time.time() + 60  # "now" is not later than the other copies
+    old = _entry(tmp_path, "old", 10, later)
+    new = _entry(tmp_path, "new", 10, later)
+    _touch(old)
+    assert old.stat().st_mtime_ns > new.stat().st_mtime_ns
+    assert prune_gguf_cache(15) == [new]

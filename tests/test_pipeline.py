@@ -176,6 +176,7 @@ def test_quantize_record_says_where_the_seconds_went(method, extra, tiny_models,
     rec = res.meta["quantize"]
     phases = rec["phases"]
     assert set(phases) == {"load", "calibration_text", "solve", "finetune", "forward_and_stats"}
-    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= rec["seconds"] * 1.01
+    # each phase is rounded to 1 ms (up to 0.5 ms each): a 60 ms run's phases may sum past 1 % of it
+    assert all(v >= 0 for v in phases.values()) and sum(phases.values()) <= rec["seconds"] * 1.01 + 5e-4 * len(phases)
     assert phases["solve"] > 0 and (phases["finetune"] > 0) == ("finetune" in extra)
     json.dumps(res.meta, allow_nan=False)  # strict JSON

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -93,7 +94,7 @@ def prune_gguf_cache(limit: int, keep: Path | None = None) -> list[Path]:
     if not root.is_dir():
         return []
     entries = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".tmp-")]
-    entries.sort(key=lambda d: (d == keep, d.stat().st_mtime))  # oldest first, ``keep`` at the end
+    entries.sort(key=lambda d: (d == keep, d.stat().st_mtime_ns))  # oldest first, ``keep`` at the end
     sizes = [_size(d) for d in entries]
     total, gone = sum(sizes), []
     for d, size in zip(entries, sizes):
@@ -103,6 +104,16 @@ def prune_gguf_cache(limit: int, keep: Path | None = None) -> list[Path]:
         shutil.rmtree(d, ignore_errors=True)
         gone.append(d)
     return gone
+
+
+def _touch(folder: Path) -> None:
+    """Make ``folder`` the most recently used copy: its mtime becomes now, or just after the newest copy's when
+    that is not earlier (file times tick coarsely, so a copy written a moment ago can carry "now" too)."""
+    with contextlib.suppress(OSError):
+        newest = max((d.stat().st_mtime_ns for d in folder.parent.iterdir() if d.is_dir() and d != folder),
+                     default=0)
+        t = max(time.time_ns(), newest + 1000)
+        os.utime(folder, ns=(t, t))
 
 
 def _cache_gguf(model, tokenizer, target: Path) -> None:
@@ -259,8 +270,7 @@ def load_model(source: str, dtype: torch.dtype = torch.float32, trust_remote_cod
         if (cached / "config.json").is_file():
             path = str(cached)
             where = str(_check_folder(cached, trust_remote_code))
-            with contextlib.suppress(OSError):
-                os.utime(cached)  # recently used: pruned last
+            _touch(cached)  # recently used: pruned last
         else:
             kw["gguf_file"] = info["gguf_file"]
     if info["kind"] == "folder":
