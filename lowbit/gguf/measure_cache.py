@@ -30,8 +30,10 @@ _SOURCE: str | None = None
 
 
 def cache_dir() -> Path:
-    """``$LOWBIT_CACHE/bpw-errors`` (default ``~/.cache/lowbit/bpw-errors``)."""
-    return Path(os.environ.get("LOWBIT_CACHE") or Path.home() / ".cache" / "lowbit") / "bpw-errors"
+    """``$LOWBIT_CACHE/bpw-errors`` (default ``~/.cache/lowbit/bpw-errors``): lowbit's one cache root."""
+    from ..models.sources import cache_dir as root
+
+    return root() / "bpw-errors"
 
 
 def _source_digest() -> str:
